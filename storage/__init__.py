@@ -1,0 +1,1 @@
+"""Parquet shards, the DuckDB catalog, schemas and content keys. No torch, no Prefect."""

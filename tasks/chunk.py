@@ -1,0 +1,54 @@
+"""Chunk: one task per `documents` shard -> a `chunks` shard, split with the base model's tokenizer."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import task
+
+from model.base_models import load_tokenizer
+from model.chunking import ChunkConfig, chunk_document, tokenizer_fingerprint
+from storage.hashing import content_key
+from storage.schemas import to_table
+from storage.store import Store
+from tasks.common import entries_to_dicts
+
+CHUNK_VERSION = "1"
+
+__all__ = ["CHUNK_VERSION", "ChunkConfig", "chunk_key", "chunk_unit", "tokenizer_id"]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_dir: str):
+    return load_tokenizer(model_dir)
+
+
+def tokenizer_id(model_dir: str) -> str:
+    """The fingerprint of the tokenizer in `model_dir` (part of every chunk key)."""
+    return tokenizer_fingerprint(_tokenizer(model_dir))
+
+
+def chunk_key(documents_key: str, tokenizer_fp: str, cfg: ChunkConfig) -> str:
+    return content_key("chunk", CHUNK_VERSION, {"max_tokens": cfg.max_tokens, "overlap": cfg.overlap_tokens},
+                       [documents_key, tokenizer_fp])
+
+
+@task(name="chunk-unit", task_run_name="chunk {key}")
+def chunk_unit(store_root: str, documents_path: str, model_dir: str, cfg: ChunkConfig, key: str) -> dict[str, Any]:
+    """Chunk every document of one shard; a document that fails becomes a reject, not a crash."""
+    tok = _tokenizer(model_dir)
+    docs = pq.read_table(documents_path, columns=["doc_id", "text", "source"]).to_pylist()
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    for d in docs:
+        try:
+            rows.extend(chunk_document(d["doc_id"], d["text"], tok, cfg))
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            rejects.append({"stage": "chunk", "source": d["source"], "item": d["doc_id"],
+                            "reason": "chunk_failed", "detail": f"{type(exc).__name__}: {exc}"})
+    entries = Store(store_root).write_unit(
+        "chunk", key, {"chunks": to_table("chunks", rows), "rejects": to_table("rejects", rejects)})
+    return {"entries": entries_to_dicts(entries), "stats": {"documents": len(docs), "chunks": len(rows),
+                                                            "rejects": len(rejects)}}
