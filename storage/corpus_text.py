@@ -105,20 +105,21 @@ def _strict(data: bytes, enc: str, why: str) -> Decoded:
     try:
         return Decoded(data.decode(enc), enc)
     except UnicodeDecodeError as exc:
-        return Decoded(None, reason="undecodable", detail=f"{why} but is not valid {enc}: {exc.reason} at byte {exc.start}")
+        detail = f"{why} but is not valid {enc}: {exc.reason} at byte {exc.start}"
+        return Decoded(None, reason="undecodable", detail=detail)
 
 
 def _binary_reason(data: bytes) -> str:
     """'' for text-like bytes, 'nul' for NUL bytes, else a sentence saying why the bytes look binary."""
     for magic, what in _MAGIC:
         if data.startswith(magic):
-            return f"starts with the signature of {what}, not text"
+            return f"starts with the signature of {what}, so it is not text"
     sample = data[:_SAMPLE]
     if b"\x00" in sample:
         return "nul"
     controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
     if controls > _MAX_CONTROL_SHARE * len(sample):
-        return f"{controls / len(sample):.0%} of its first bytes are control characters, so it is not text"
+        return f"has {controls / len(sample):.0%} control characters among its first bytes, so it is not text"
     return ""
 
 
@@ -263,7 +264,7 @@ class _HTMLText(HTMLParser):
             self.out.append("\n\n")
         elif tag in _LINE:
             self.out.append("\n- " if tag == "li" and opening else "\n")
-        elif tag in ("td", "th") and opening:
+        elif tag in ("td", "th") and opening and self.out and self.out[-1][-1:] not in ("\n", " "):
             self.out.append(" ")
 
 

@@ -1,0 +1,299 @@
+"""Corpus readers for the ingest stage: source specs -> units of work -> `documents` and `rejects` rows.
+
+Source specs (each `--source`, or each entry of `sources:` in a config):
+
+  FILE     one file; its kind comes from the extension: .txt, .md/.markdown, .html/.htm, .jsonl, .parquet,
+           .csv. A file named explicitly with any other extension is read as plain text.
+  FOLDER   every file below it (recursively) whose extension is in `extensions`; hidden files and folders
+           (".name") and other extensions are skipped silently (and counted).
+  GLOB     e.g. "corpus/**/*.md" ("**" crosses folders). Matches are filtered like a folder's files, unless
+           the pattern ends in a literal extension ("logs/*.log"), which takes every match as named.
+  synthetic://facts?n=50&seed=0[&entities=4&relations=2&pool=32&name_seed=1234]
+           n made-up toy-world fact documents, each with its gold question/answer pairs.
+  datasets://PATH_OR_BUILDER?data_files=a.jsonl&split=train[&name=..&data_dir=..&revision=..]
+           the rows of datasets.load_dataset(PATH_OR_BUILDER, ...), offline: a packaged builder (json, csv,
+           parquet, text) over local data_files (repeatable, globs allowed), a local dataset folder, or a
+           dataset already in the local Hugging Face cache. split defaults to train.
+
+Each file, synthetic spec or dataset is one unit of work (one output shard). Whole files (txt, md, html) are
+one document each; tabular sources (jsonl, csv, parquet, datasets) give one document per row from
+`text_column`, with an optional `title_column`, and gold QA from `question_column`/`answer_column`.
+Text is decoded by detection when it is not UTF-8 (the encoding is recorded), normalised (NFC, unified
+newlines, no trailing spaces, one blank line at most) and identified by doc_id = sha256(text)[:32];
+a document repeated within a unit is kept once.
+
+Bad input never stops a run: it becomes a `rejects` row (stage "ingest") with one of these reasons:
+  not_found, bad_spec, unreadable_file, empty, too_short, too_large, binary, undecodable, malformed_jsonl,
+  malformed_csv, unreadable_parquet, unreadable_dataset, missing_column, not_text, read_error.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote, urlencode
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from storage.corpus_readers import READERS, SYNTHETIC_DEFAULTS, Sink, split_uri
+from storage.corpus_text import doc_id_for, normalise_text
+from storage.hashing import canonical_json, file_sha256
+
+__all__ = ["IngestConfig", "SourceUnit", "expand_sources", "read_unit", "normalise_text", "doc_id_for",
+           "KIND_BY_EXTENSION", "REASONS"]
+
+KIND_BY_EXTENSION = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html",
+                     ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+DEFAULT_EXTENSIONS = [".txt", ".md", ".markdown", ".html", ".htm", ".jsonl", ".parquet", ".csv"]
+REASONS = ("not_found", "bad_spec", "unreadable_file", "empty", "too_short", "too_large", "binary", "undecodable",
+           "malformed_jsonl", "malformed_csv", "unreadable_parquet", "unreadable_dataset", "missing_column",
+           "not_text", "read_error")
+DATASETS_ARGS = ("data_files", "split", "name", "data_dir", "revision")
+_GLOB_CHARS = set("*?[")
+
+
+class IngestConfig(BaseModel):
+    """How the ingest stage reads sources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_column: str = Field("text", description="Column holding the document text (jsonl, parquet, csv, datasets).")
+    title_column: str | None = Field(None, description="Optional column holding a title for tabular sources.")
+    question_column: str | None = Field(None, description="Optional gold-question column (tabular sources); "
+                                        "a list of questions pairs with a list of answers.")
+    answer_column: str | None = Field(None, description="Optional gold-answer column: a string, a list (first "
+                                      "is used) or a SQuAD-style {'text': [...]} dict.")
+    max_bytes: int = Field(20_000_000, gt=0, description="Files larger than this many bytes are rejected "
+                           "(too_large), whatever their kind.")
+    max_chars: int = Field(2_000_000, gt=0, description="Documents longer than this many characters (after "
+                           "normalising) are rejected (too_large).")
+    min_chars: int = Field(1, ge=0, description="Documents shorter than this are rejected (too_short; "
+                           "no text at all is `empty`).")
+    extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS),
+                                  description="File extensions picked up inside folders and globs; unknown "
+                                  "ones are read as plain text.")
+    datasets_cache_dir: str | None = Field(None, exclude=True, description="cache_dir for datasets.load_dataset "
+                                           "(default: the Hugging Face cache). Not part of cache keys.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, value: list[str]) -> list[str]:
+        """Lower-case extensions with a leading dot."""
+        return [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
+
+
+@dataclass(frozen=True)
+class SourceUnit:
+    """One unit of ingest work, written as one output shard."""
+
+    source: str  # absolute path, or canonical synthetic:// / datasets:// URI
+    kind: str  # txt | md | html | jsonl | parquet | csv | synthetic | datasets
+    fingerprint: str  # sha256 hex of the file bytes / canonical URI / dataset args + local file bytes
+
+
+def _reject(source: str, reason: str, detail: str) -> dict:
+    """A REJECTS row for a spec."""
+    return {"stage": "ingest", "source": source, "item": "", "reason": reason, "detail": detail}
+
+
+# ------------------------------------------------------------------------------------------------- expand
+
+def expand_sources(specs: list[str], cfg: IngestConfig, *, stats: dict | None = None
+                   ) -> tuple[list[SourceUnit], list[dict]]:
+    """Specs -> units sorted by source (each source once), plus rejects for specs that match nothing.
+
+    When `stats` is given it is filled with counts: units, rejects, skipped_hidden, skipped_extension.
+    """
+    units: dict[str, SourceUnit] = {}
+    rejects: list[dict] = []
+    counts: Counter[str] = Counter()
+    for spec in specs:
+        found, bad = _expand_spec(str(spec), cfg, counts)
+        rejects.extend(bad)
+        for unit in found:
+            units.setdefault(unit.source, unit)
+    out = sorted(units.values(), key=lambda u: (u.source, u.kind))
+    if stats is not None:
+        stats.update(units=len(out), rejects=len(rejects), skipped_hidden=counts["hidden"],
+                     skipped_extension=counts["extension"])
+    return out, rejects
+
+
+def _expand_spec(spec: str, cfg: IngestConfig, counts: Counter) -> tuple[list[SourceUnit], list[dict]]:
+    """One spec -> its units and rejects."""
+    if spec.startswith("synthetic://"):
+        return _synthetic_unit(spec)
+    if spec.startswith("datasets://"):
+        return _datasets_unit(spec)
+    raw = unquote(spec[len("file://"):]) if spec.startswith("file://") else spec
+    path = Path(os.path.expanduser(raw))
+    if path.is_dir():
+        files = _walk(path, cfg, counts)
+        if not files:
+            return [], [_reject(spec, "not_found", f"The folder {os.path.abspath(path)} holds no file with one of "
+                                f"the extensions {', '.join(cfg.extensions)}.")]
+    elif path.is_file():
+        files = [(path, KIND_BY_EXTENSION.get(path.suffix.lower(), "txt"))]
+    elif path.exists():
+        return [], [_reject(spec, "unreadable_file", f"{os.path.abspath(path)} is not a regular file or folder.")]
+    elif _GLOB_CHARS & set(raw):
+        files = _glob(os.path.expanduser(raw), cfg, counts)
+        if not files:
+            return [], [_reject(spec, "not_found", f"The pattern {spec!r} matches no readable file.")]
+    else:
+        return [], [_reject(spec, "not_found", f"{os.path.abspath(path)} does not exist.")]
+    return _file_units(files)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk(root: Path, cfg: IngestConfig, counts: Counter) -> list[tuple[Path, str]]:
+    """Files under a folder with an accepted extension, skipping (and counting) hidden and other files."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        counts["hidden"] += sum(_hidden(d) for d in dirs)
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(names):
+            kind = _accepted(Path(folder) / name, cfg, counts)
+            if kind:
+                files.append((Path(folder) / name, kind))
+    return files
+
+
+def _accepted(path: Path, cfg: IngestConfig, counts: Counter) -> str:
+    """The kind of a file found in a folder or glob, or '' (counted) when it is skipped."""
+    if _hidden(path.name):
+        counts["hidden"] += 1
+        return ""
+    ext = path.suffix.lower()
+    if ext not in cfg.extensions or not path.is_file():
+        counts["extension"] += 1
+        return ""
+    return KIND_BY_EXTENSION.get(ext, "txt")
+
+
+def _glob(pattern: str, cfg: IngestConfig, counts: Counter) -> list[tuple[Path, str]]:
+    """Files matching a glob: folders are walked; a literal extension in the pattern takes every match."""
+    suffix = os.path.splitext(os.path.basename(pattern))[1]
+    literal = bool(suffix) and not (_GLOB_CHARS & set(suffix))
+    files = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(match)
+        if path.is_dir():
+            files.extend(_walk(path, cfg, counts))
+        elif literal and path.is_file():
+            files.append((path, KIND_BY_EXTENSION.get(path.suffix.lower(), "txt")))
+        elif kind := _accepted(path, cfg, counts):
+            files.append((path, kind))
+    return files
+
+
+def _file_units(files: list[tuple[Path, str]]) -> tuple[list[SourceUnit], list[dict]]:
+    """Fingerprint files into units; unreadable ones become rejects."""
+    units, rejects = [], []
+    for path, kind in files:
+        source = os.path.abspath(path)
+        try:
+            units.append(SourceUnit(source, kind, file_sha256(source)))
+        except OSError as exc:
+            rejects.append(_reject(source, "unreadable_file", f"{source} could not be read: {exc.strerror or exc}."))
+    return units, rejects
+
+
+def _max_pool() -> int:
+    """How many distinct entity names the toy world can make."""
+    from model import toy_world as tw
+
+    return len(tw._ONSETS) * len(tw._VOWELS) ** 2 * len(tw._CODAS)  # noqa: SLF001 - same project
+
+
+def _synthetic_unit(spec: str) -> tuple[list[SourceUnit], list[dict]]:
+    """synthetic://facts?... -> one unit with a canonical URI (every parameter, sorted)."""
+    from model.toy_world import RELATIONS
+
+    world, pairs = split_uri(spec)
+    if world != "facts":
+        return [], [_reject(spec, "bad_spec", f"Unknown synthetic world {world!r}; the only one is 'facts'.")]
+    params = dict(SYNTHETIC_DEFAULTS)
+    for key, value in pairs:
+        if key not in params:
+            return [], [_reject(spec, "bad_spec", f"Unknown parameter {key!r}; known: {', '.join(sorted(params))}.")]
+        try:
+            params[key] = int(value)
+        except ValueError:
+            return [], [_reject(spec, "bad_spec", f"Parameter {key}={value!r} is not an integer.")]
+    problem = (
+        "n must be at least 1" if params["n"] < 1 else
+        f"relations must be 1..{len(RELATIONS)}" if not 1 <= params["relations"] <= len(RELATIONS) else
+        f"pool must be 1..{_max_pool()}" if not 1 <= params["pool"] <= _max_pool() else
+        "entities must be 1..pool" if not 1 <= params["entities"] <= params["pool"] else "")
+    if problem:
+        return [], [_reject(spec, "bad_spec", f"Bad synthetic spec: {problem}.")]
+    canonical = "synthetic://facts?" + "&".join(f"{k}={params[k]}" for k in sorted(params))
+    return [SourceUnit(canonical, "synthetic", hashlib.sha256(canonical.encode()).hexdigest())], []
+
+
+def _local(path: str) -> str:
+    """An absolute local path for a relative or ~ path; URLs (anything with ://) unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _datasets_unit(spec: str) -> tuple[list[SourceUnit], list[dict]]:
+    """datasets://PATH?... -> one unit: canonical URI (local paths absolute) hashed with its local files."""
+    path, pairs = split_uri(spec)
+    unknown = sorted({k for k, _ in pairs} - set(DATASETS_ARGS))
+    if not path or unknown:
+        why = f"unknown argument(s) {', '.join(unknown)}" if unknown else "no dataset path or builder"
+        return [], [_reject(spec, "bad_spec", f"Bad datasets spec: {why}; known: {', '.join(DATASETS_ARGS)}.")]
+    if os.path.exists(os.path.expanduser(path)):
+        path = _local(path)
+    pairs = [(k, _local(v) if k == "data_files" else v) for k, v in pairs]
+    if "split" not in {k for k, _ in pairs}:
+        pairs.append(("split", "train"))
+    files: list[str] = []
+    for _, pattern in (p for p in pairs if p[0] == "data_files" and "://" not in p[1]):
+        matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+        if not matches:
+            return [], [_reject(spec, "not_found", f"data_files {pattern} matches no file.")]
+        files.extend(matches)
+    if os.path.isdir(path):
+        files.extend(_all_files(path))
+    query = urlencode(sorted(pairs, key=lambda kv: kv[0]), quote_via=quote, safe="/:*")
+    canonical = f"datasets://{quote(path, safe='/:~')}?{query}"
+    try:
+        hashed = [[f, file_sha256(f)] for f in sorted(set(files))]
+    except OSError as exc:
+        return [], [_reject(spec, "unreadable_file", f"A local file of the dataset could not be read: {exc}.")]
+    fingerprint = hashlib.sha256(canonical_json({"uri": canonical, "files": hashed}).encode()).hexdigest()
+    return [SourceUnit(canonical, "datasets", fingerprint)], []
+
+
+def _all_files(root: str) -> list[str]:
+    """Every non-hidden file below a folder."""
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        out.extend(os.path.join(folder, n) for n in names if not _hidden(n))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- read
+
+def read_unit(unit: SourceUnit, cfg: IngestConfig) -> tuple[list[dict], list[dict], dict]:
+    """One unit -> (DOCUMENTS rows, REJECTS rows, stats). Never raises for bad input."""
+    sink = Sink(unit, cfg)
+    reader = READERS.get(unit.kind)
+    if reader is None:
+        sink.reject("", "bad_spec", f"Unknown source kind {unit.kind!r}; known: {', '.join(sorted(READERS))}.")
+        return sink.result()
+    try:
+        reader(sink)
+    except Exception as exc:  # noqa: BLE001 - bad input must never stop the run; good rows are kept
+        sink.reject("", "read_error", f"Reading stopped on an unexpected {type(exc).__name__}: {exc}.")
+    return sink.result()
