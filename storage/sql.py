@@ -49,4 +49,4 @@ def query_arrow(catalog: Catalog, sql: str):
     with catalog.read() as con:
         for q in statements[:-1]:
             con.execute(q)
-        return con.execute(statements[-1]).to_arrow_table()
+        return con.sql(statements[-1]).to_arrow_table()

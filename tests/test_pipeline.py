@@ -167,6 +167,6 @@ def test_sigkill_during_ingest_and_chunk_then_rerun_matches_clean_run(prefect_se
     cat = Catalog(crashed)
     registered = {r[0] for r in run_query(cat, "SELECT path FROM manifest")[1]}
     for name, sql in run_query(cat, "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal")[1]:
-        files = set(re.findall(r"'([^']+\\.parquet[^']*)'", sql))
+        files = set(re.findall(r"'([^']+\.parquet[^']*)'", sql))
         assert files and not any(".tmp-" in f for f in files), name
         assert {f for f in files if "/schemas/" not in f} <= registered, name

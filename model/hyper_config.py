@@ -1,0 +1,187 @@
+"""HyperConfig: the hypernetwork's shape, saved as JSON beside its weights; target resolution on a base model.
+
+Scale convention (as in the reference, ctx_to_lora): the update a LoRA adds to a target Linear is
+``delta_W = alpha * B @ A`` -- ``alpha`` multiplies the update directly, it is NOT divided by the rank.
+So concatenating chunk LoRAs along the rank sums their updates, whatever the total rank. The reference's
+default is ``alpha = 2 * r ** 1.5`` (~45.25 for r = 8); ``alpha=None`` here picks the same default.
+PEFT export converts it (PEFT scales by ``lora_alpha / r``): see ``model/peft_export.py``.
+
+Targets are named by patterns matched against each decoder layer's module paths relative to the layer
+(``mlp.down_proj`` in Llama, ``feed_forward.w2`` / ``conv.out_proj`` in LFM2). A pattern matches a path when
+it equals the path, equals its last component(s) (``down_proj`` matches ``mlp.down_proj``), or matches it as
+an fnmatch glob or a full regex. Only ``nn.Linear`` modules are targeted. Every matched relative path is a
+*kind*; a kind may exist in only some layers (LFM2's ``conv.in_proj``), and each (layer, kind) is a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+CONFIG_NAME = "hyper_config.json"
+
+
+@dataclass
+class HyperConfig:
+    # -- what to adapt
+    target_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+    rank: int = 8  # r of each generated (per chunk) LoRA and of the bias LoRA
+    alpha: float | None = None  # direct scale on B @ A; None -> 2 * r ** 1.5 (reference default)
+    layers: int | list[int] | None = None  # None: every layer; N: the first N; list: these layer indices
+    # -- the Perceiver
+    latent_count: int = 8  # learned latents attending to each layer's features
+    latent_dim: int = 512
+    depth: int = 2  # cross-attention blocks of the encoder
+    heads: int = 4
+    mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units
+    head_mlp_layers: int = 1  # per-layer residual MLP blocks before the heads
+    head_mlp_ratio: int = 1
+    head_init_gain: float = 0.5  # head weights ~ N(0, gain / sqrt(latent_dim + (in + out) * r))
+    # -- training / use
+    l1_weight: float = 0.1  # L1 penalty on the generated A and B
+    merge: str = "concat"  # chunk LoRAs: "concat" (sum of updates, reference) or "mean" (each scaled 1/n)
+    # -- filled by resolve(base_model); what the weights' shapes depend on
+    hidden_size: int | None = None
+    num_base_layers: int | None = None
+    layers_path: str | None = None  # e.g. "model.layers"
+    layer_indices: list[int] | None = None  # base layers that feed features and get LoRAs
+    kinds: dict[str, dict[str, Any]] | None = None  # kind -> {"in": int, "out": int, "layers": [...]}
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self.alpha = 2.0 * float(self.rank) ** 1.5
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if self.merge == "scaled":
+            self.merge = "mean"
+        if self.merge not in ("concat", "mean"):
+            raise ValueError(f"merge must be 'concat' or 'mean', got {self.merge!r}")
+        if self.latent_dim % self.heads:
+            raise ValueError(f"latent_dim={self.latent_dim} must be divisible by heads={self.heads}")
+
+    # -- resolution against a base model
+    @property
+    def resolved(self) -> bool:
+        return self.kinds is not None
+
+    def resolve(self, base_model: nn.Module) -> "HyperConfig":
+        """A copy with the target shapes read off `base_model`; if already resolved, check they agree."""
+        found = resolve_targets(base_model, self.target_modules, self.layers)
+        if self.resolved:
+            mine = {k: getattr(self, k) for k in found}
+            if json.loads(json.dumps(mine)) != json.loads(json.dumps(found)):
+                raise ValueError(f"hypernetwork config does not fit this base model: {mine} != {found}")
+            return self
+        return dataclasses.replace(self, **found)
+
+    def module_path(self, layer: int, kind: str) -> str:
+        return f"{self.layers_path}.{layer}.{kind}"
+
+    def targets(self) -> list[tuple[str, int, str]]:
+        """(full module path, layer index, kind) of every target, layer-major."""
+        if not self.resolved:
+            raise ValueError("HyperConfig is not resolved: call cfg.resolve(base_model) first")
+        out = []
+        for layer in self.layer_indices:
+            for kind, spec in self.kinds.items():
+                if layer in spec["layers"]:
+                    out.append((self.module_path(layer, kind), layer, kind))
+        return out
+
+    # -- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HyperConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown HyperConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, folder_or_file: str | Path) -> "HyperConfig":
+        p = Path(folder_or_file)
+        if p.is_dir():
+            p = p / CONFIG_NAME
+        return cls.from_dict(json.loads(p.read_text()))
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Does a target pattern name this module path (relative to its decoder layer)?"""
+    if path == pattern or path.endswith("." + pattern) or fnmatch.fnmatchcase(path, pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, path) is not None
+    except re.error:
+        return False
+
+
+def find_layers(base_model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's ModuleList of blocks: the first ModuleList as long as the config's layer count."""
+    cfg = getattr(base_model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in base_model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    for name, m in lists:
+        if n is None or len(m) == n:
+            return name, m
+    raise ValueError(f"no ModuleList of {n} decoder layers found in {type(base_model).__name__}")
+
+
+def _layer_indices(layers: int | list[int] | None, n: int) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int):
+        if not 1 <= layers <= n:
+            raise ValueError(f"layers={layers} must be in 1..{n}")
+        return list(range(layers))
+    idx = sorted({int(i) for i in layers})
+    if not idx or idx[0] < 0 or idx[-1] >= n:
+        raise ValueError(f"layer indices {layers} out of range 0..{n - 1}")
+    return idx
+
+
+def resolve_targets(
+    base_model: nn.Module, patterns: list[str], layers: int | list[int] | None = None
+) -> dict[str, Any]:
+    """The resolved HyperConfig fields for `patterns` on `base_model` (see the module docstring)."""
+    layers_path, blocks = find_layers(base_model)
+    indices = _layer_indices(layers, len(blocks))
+    kinds: dict[str, dict[str, Any]] = {}
+    for i in indices:
+        for rel, mod in blocks[i].named_modules():
+            if not rel or not isinstance(mod, nn.Linear):
+                continue
+            if not any(pattern_matches(p, rel) for p in patterns):
+                continue
+            spec = kinds.setdefault(rel, {"in": mod.in_features, "out": mod.out_features, "layers": []})
+            if (spec["in"], spec["out"]) != (mod.in_features, mod.out_features):
+                raise ValueError(f"{rel}: shape differs across layers; name the layers to adapt explicitly")
+            spec["layers"].append(i)
+    if not kinds:
+        raise ValueError(f"no nn.Linear module matches {patterns} in layers {indices} of {layers_path}")
+    # a layer with no target still feeds nothing: keep only layers that carry at least one target
+    used = sorted({i for s in kinds.values() for i in s["layers"]})
+    cfg = base_model.config.get_text_config() if hasattr(base_model.config, "get_text_config") else base_model.config
+    return {
+        "hidden_size": int(cfg.hidden_size),
+        "num_base_layers": len(blocks),
+        "layers_path": layers_path,
+        "layer_indices": used,
+        "kinds": dict(sorted(kinds.items())),
+    }

@@ -1,0 +1,179 @@
+"""Hypernetwork, context encoder and distillation loss on tiny random Llama and LFM2 models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from model.batched_lora import apply_adapter, freeze, merge_chunks
+from model.context_encoder import encode_context
+from model.distill_loss import collate_samples, distill_loss, topk_token_loss
+from model.hyper_config import HyperConfig, pattern_matches
+from model.hypernet import HyperNetwork
+
+V = 48
+
+
+def tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=V, hidden_size=32, initializer_range=0.2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
+    else:
+        model = Lfm2ForCausalLM(Lfm2Config(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
+                                           block_auto_adjust_ff_dim=False, **common))
+    return freeze(model).eval()
+
+
+PATTERNS = {"llama": ["down_proj"], "lfm2": ["w2", "out_proj", "in_proj"]}
+
+
+def tiny_hyper(model, patterns, **kw) -> HyperNetwork:
+    cfg = HyperConfig(target_modules=patterns, rank=4, latent_dim=16, latent_count=4, depth=1, heads=2, **kw)
+    return HyperNetwork.for_model(cfg, model)
+
+
+def batch_ids(b=2, t=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, t - 3 :] = 0
+    return ids, mask
+
+
+def test_target_resolution_is_architecture_agnostic():
+    lfm = tiny("lfm2")
+    cfg = HyperConfig(target_modules=["w2", "*.out_proj", r"conv\.in_proj"]).resolve(lfm)
+    assert cfg.kinds["feed_forward.w2"]["layers"] == [0, 1, 2]
+    assert cfg.kinds["conv.in_proj"] == {"in": 32, "out": 96, "layers": [0, 2]}
+    assert cfg.kinds["self_attn.out_proj"]["layers"] == [1]
+    assert cfg.layers_path == "model.layers" and cfg.layer_indices == [0, 1, 2]
+    first = HyperConfig(target_modules=["down_proj", "q_proj"], layers=1).resolve(tiny("llama"))
+    assert first.layer_indices == [0] and sorted(first.kinds) == ["mlp.down_proj", "self_attn.q_proj"]
+    assert pattern_matches("down_proj", "mlp.down_proj") and not pattern_matches("proj", "mlp.down_proj")
+    with pytest.raises(ValueError):
+        HyperConfig(target_modules=["down_proj"]).resolve(lfm)
+    rt = HyperConfig.from_dict(cfg.to_dict())
+    assert rt == cfg and rt.alpha == pytest.approx(2 * 8**1.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "lfm2"])
+def test_features_are_hidden_states_entering_each_layer(arch):
+    model = tiny(arch)
+    ids, mask = batch_ids()
+    ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    n = model.config.num_hidden_layers
+    feats = encode_context(model, ids, mask, list(range(n)))
+    assert feats.shape == (2, n, ids.shape[1], 32)
+    for i in range(n):
+        assert torch.equal(feats[:, i], ref[i])
+    part = encode_context(model, ids, mask, [1])  # stops after the blocks it needs
+    assert torch.equal(part[:, 0], ref[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "lfm2"])
+def test_update_is_exactly_zero_at_init(arch):
+    model = tiny(arch)
+    net = tiny_hyper(model, PATTERNS[arch])
+    ids, mask = batch_ids()
+    adapter = net(encode_context(model, ids, mask, net.config.layer_indices), mask)
+    merged = merge_chunks(adapter, [1, 1], bias=net.bias_adapter(1))
+    assert all(r == 8 for r in merged.ranks().values())
+    x = torch.randint(0, V, (2, 6))
+    base = model(x).logits
+    with apply_adapter(model, merged):
+        adapted = model(x).logits
+    assert torch.equal(base, adapted)
+
+
+@pytest.mark.parametrize("arch", ["llama", "lfm2"])
+def test_gradients_reach_only_the_hypernetwork(arch):
+    model = tiny(arch)
+    net = tiny_hyper(model, PATTERNS[arch])
+    with torch.no_grad():  # move off the zero-update init so every path carries gradient
+        for k in net.scale_B:
+            net.scale_B[k].fill_(1.0)
+            net.bias_B[k].normal_(0, 0.1)
+    ids, mask = batch_ids()
+    adapter = net(encode_context(model, ids, mask, net.config.layer_indices), mask)
+    merged = merge_chunks(adapter, [2], bias=net.bias_adapter(1))
+    with apply_adapter(model, merged):
+        loss = model(torch.randint(0, V, (1, 5))).logits.square().mean()
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert sum(float(g.abs().sum() > 0) for g in grads.values()) >= 0.9 * len(grads)
+
+
+def _row(doc, student, start, topk_ids, topk_lp, k):
+    n = len(topk_ids) // k
+    return dict(sample_id=f"s{len(student)}", doc_id=doc, student_ids=student, answer_start=start,
+                n_answer_tokens=n, topk=k, topk_ids=topk_ids, topk_logprobs=topk_lp)
+
+
+def test_collate_and_loss_match_a_manual_computation():
+    torch.manual_seed(0)
+    k = 3
+    rows = [
+        _row("d1", [5, 6, 7, 8, 9], 3, [1, 2, 3, 4, 5, 6], [-0.1, -2.5, -4.0, -0.3, -1.5, -3.0], k),
+        _row("d1", [5, 6, 7], 2, [7, 8, 9], [-0.5, -1.0, -2.0], k),
+        _row("d2", [4, 4, 4, 4], 1, [1, 2, 3, 3, 2, 1, 9, 9, 9], [-1.0] * 9, k),
+    ]
+    batch = collate_samples(rows, pad_id=0)
+    assert batch["student_ids"].shape == (3, 5) and batch["topk_ids"].shape == (3, 3, 3)
+    assert batch["doc_index"].tolist() == [0, 0, 1] and batch["answer_mask"].sum().item() == 6
+    logits = torch.randn(3, 5, V)
+    out = distill_loss(logits, batch)
+    answers = []
+    for i, r in enumerate(rows):
+        toks = []
+        for j in range(r["n_answer_tokens"]):
+            logq = torch.log_softmax(logits[i, r["answer_start"] + j - 1], -1)
+            ids = torch.tensor(r["topk_ids"][j * k : (j + 1) * k])
+            p = torch.tensor(r["topk_logprobs"][j * k : (j + 1) * k]).exp()
+            toks.append(-(p * logq[ids]).sum())
+        answers.append(torch.stack(toks).mean())
+    expected = ((answers[0] + answers[1]) / 2 + answers[2]) / 2
+    assert torch.allclose(out.distill, expected, atol=1e-6)
+    assert out.n_tokens == 6 and torch.equal(out.loss, out.distill)
+    renorm = topk_token_loss(logits[:1, 2:4], batch["topk_ids"][:1, :2], batch["topk_logprobs"][:1, :2], True)
+    p = torch.softmax(batch["topk_logprobs"][0, 0], -1)
+    assert torch.allclose(renorm[0, 0], -(p * torch.log_softmax(logits[0, 2], -1)[[1, 2, 3]]).sum(), atol=1e-6)
+    with pytest.raises(ValueError):
+        collate_samples([_row("d", [1, 2], 0, [1], [-1.0], 1)], 0)
+
+
+def test_loss_decreases_when_training_the_hypernetwork():
+    """Fixed, document-dependent teacher targets (a sharp top-4 per answer token) on 4 documents."""
+    torch.set_num_threads(1)
+    model = tiny("llama")
+    net = tiny_hyper(model, ["down_proj", "up_proj"])
+    g = torch.Generator().manual_seed(3)
+    docs = torch.randint(3, V, (4, 10), generator=g)
+    questions = torch.randint(3, V, (4, 6), generator=g)
+    start, n_ans, k = 3, 3, 4
+    probs = torch.tensor([0.85, 0.06, 0.04, 0.02]).log()
+    rows = []
+    for i in range(4):
+        ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(n_ans)])
+        rows.append(_row(f"d{i}", questions[i].tolist(), start, ids.flatten().tolist(), probs.repeat(n_ans).tolist(), k))
+    batch = collate_samples(rows, pad_id=0)
+    feats = encode_context(model, docs, None, net.config.layer_indices)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        adapter = net(feats)
+        merged = merge_chunks(adapter, [1] * 4, bias=net.bias_adapter(1))
+        with apply_adapter(model, merged):
+            logits = model(batch["student_ids"], attention_mask=batch["attention_mask"]).logits
+        out = distill_loss(logits, batch, adapter, l1_weight=0.01)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.distill.item())
+    assert math.isfinite(losses[-1])
+    assert losses[-1] < 0.5 * losses[0], losses
