@@ -1,14 +1,27 @@
-"""The frame around every stage flow: hold the store's writer lock and record the run in the catalog."""
+"""The frame around every stage flow: hold the store's writer lock, record the run, publish an artifact."""
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from prefect import get_run_logger
+from prefect.artifacts import create_table_artifact
 
 from flows.config import PipelineConfig
 from tasks.common import Store, current_run_id
+
+
+def _flat(stats: dict[str, Any]) -> list[dict[str, str]]:
+    """Stats as rows of (metric, value) for a table artifact; nested dicts are shown as key.subkey."""
+    rows = []
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            rows += [{"metric": f"{k}.{kk}", "value": str(vv)} for kk, vv in v.items()]
+        else:
+            rows.append({"metric": k, "value": str(v)})
+    return rows
 
 
 @contextmanager
@@ -17,12 +30,17 @@ def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, d
     store = Store(config.store, lock_timeout=config.lock_timeout)
     run_id = current_run_id()
     stats: dict[str, Any] = {}
+    t0 = time.monotonic()
     with store.writing():
         store.catalog.start_run(run_id, flow, config.model_dump(mode="json"))
         try:
             yield store, run_id, stats
         except BaseException:
+            stats["seconds"] = round(time.monotonic() - t0, 2)
             store.catalog.finish_run(run_id, "failed", stats)
             raise
+        stats["seconds"] = round(time.monotonic() - t0, 2)
         store.catalog.finish_run(run_id, "completed", stats)
+    create_table_artifact(key=f"d2l-{flow}", table=_flat(stats),
+                          description=f"doc2lora {flow}: units, rows, rejects and time of this run")
     get_run_logger().info("%s: %s", flow, stats)
