@@ -19,7 +19,8 @@ import typer  # noqa: E402
 app = typer.Typer(
     help=(
         "doc2lora: turn documents into LoRA adapters with a trained hypernetwork (Doc-to-LoRA).\n\n"
-        "The pipeline runs as Prefect flows over a store folder: ingest -> chunk -> index. Every stage is "
+        "The pipeline runs as Prefect flows over a store folder: ingest -> chunk -> synthesize -> teacher -> "
+        "index. Every stage is "
         "idempotent: rerunning does only what is missing. Query the generated data with `d2l sql`.\n\n"
         "Quick start:  d2l run   then   d2l sql \"SELECT * FROM documents LIMIT 5\""
     ),
@@ -57,17 +58,23 @@ def _config(config: Optional[Path], sets: list[str], store: Optional[str], sourc
     return cfg
 
 
+FLOWS = {
+    "pipeline": ("flows.pipeline", "pipeline_flow"),
+    "ingest": ("flows.ingest", "ingest_flow"),
+    "chunk": ("flows.chunk", "chunk_flow"),
+    "synthesize": ("flows.synthesize", "synthesize_flow"),
+    "teacher": ("flows.teacher", "teacher_flow"),
+    "index": ("flows.index", "index_flow"),
+}
+
+
 def _run_stage(flow_name: str, cfg) -> dict:
     from tasks.common import StoreLockedError
 
-    if flow_name == "pipeline":
-        from flows.pipeline import pipeline_flow as fn
-    elif flow_name == "ingest":
-        from flows.ingest import ingest_flow as fn
-    elif flow_name == "chunk":
-        from flows.chunk import chunk_flow as fn
-    else:
-        from flows.index import index_flow as fn
+    import importlib
+
+    module, attr = FLOWS[flow_name]
+    fn = getattr(importlib.import_module(module), attr)
     try:
         return fn(cfg)
     except StoreLockedError as exc:
@@ -102,9 +109,13 @@ def _stage_command(flow_name: str, doc: str):
 
 
 app.command("run")(_stage_command(
-    "pipeline", "Run the whole pipeline (ingest -> chunk -> index) on the configured sources, then summarise."))
+    "pipeline", "Run the whole pipeline (ingest -> chunk -> synthesize -> teacher -> index), then summarise."))
 app.command("ingest")(_stage_command("ingest", "Read the sources into `documents` shards; bad input -> `rejects`."))
 app.command("chunk")(_stage_command("chunk", "Split documents into token chunks with the base model's tokenizer."))
+app.command("synthesize")(_stage_command(
+    "synthesize", "Write questions per chunk: gold QA from the source, then two rounds from the question LLM."))
+app.command("teacher")(_stage_command(
+    "teacher", "Answer every question with its chunk in the prompt; cache the top-k log-probs per token."))
 app.command("index")(_stage_command("index", "Verify shards and rebuild the catalog's SQL views."))
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.chunk import ChunkConfig
 from tasks.ingest import IngestConfig
+from tasks.synthesize import SynthesizeConfig
+from tasks.teacher import TeacherConfig
 
 DEFAULT_SOURCES = ["corpus/sample", "synthetic://facts?n=48&seed=0"]
 
@@ -24,10 +26,15 @@ class PipelineConfig(BaseModel):
                                description="Files, folders, globs, synthetic:// or datasets:// specs to ingest.")
     base_model: str = Field("smollm2-135m-instruct",
                             description="A model folder, a hub id, or a built-in name (smollm2-135m-instruct).")
+    stages: list[Literal["synthesize", "teacher"]] = Field(
+        default_factory=lambda: ["synthesize", "teacher"],
+        description="Optional stages the pipeline runs after ingest and chunk (index always runs last).")
     lock_timeout: float = Field(0.0, ge=0, description="Seconds to wait for another writer on the store.")
     progress: bool = Field(True, description="Show progress bars.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     chunk: ChunkConfig = Field(default_factory=ChunkConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""The end-to-end pipeline: ingest -> chunk -> index, each stage skipping what is already done."""
+"""The end-to-end pipeline: ingest -> chunk -> synthesize -> teacher -> index, each skipping what is done."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from flows.config import PipelineConfig
 from flows.index import index_flow
 from flows.ingest import ingest_flow
 from flows.runs import stage_run
+from flows.synthesize import synthesize_flow
+from flows.teacher import teacher_flow
 
-STAGES = ("ingest", "chunk", "index")
+STAGES = ("ingest", "chunk", "synthesize", "teacher", "index")
 
 
 @flow(name="pipeline", log_prints=True)
@@ -21,6 +23,10 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     with stage_run(config, "pipeline") as (store, run_id, stats):
         stats["ingest"] = ingest_flow(config)
         stats["chunk"] = chunk_flow(config)
+        if "synthesize" in config.stages:
+            stats["synthesize"] = synthesize_flow(config)
+        if "teacher" in config.stages:
+            stats["teacher"] = teacher_flow(config)
         stats["index"] = index_flow(config)
         stats["store"] = str(store.root)
         return dict(stats)

@@ -46,6 +46,15 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
               f"{ing.get('rejects', 0)} rejects")
     t.add_row("chunk", str(ch.get("done_before", 0)), str(ch.get("written", 0)),
               f"{ch.get('chunks', 0)} chunks written, {ch.get('rejects', 0)} rejects")
+    sy, te = stats.get("synthesize"), stats.get("teacher")
+    if sy is not None:
+        kinds = ", ".join(f"{k[5:]} {v}" for k, v in sy.items() if k.startswith("kind_"))
+        t.add_row("synthesize", str(sy.get("done_before", 0)), str(sy.get("written", 0)),
+                  f"{sy.get('questions', 0)} questions ({kinds or 'none'}), {sy.get('rejects', 0)} rejects")
+    if te is not None:
+        t.add_row("teacher", str(te.get("done_before", 0)), str(te.get("written", 0)),
+                  f"{te.get('samples', 0)} answers, {te.get('answer_tokens', 0)} answer tokens with top-k, "
+                  f"{te.get('unfinished', 0)} unfinished dropped, {te.get('rejects', 0)} rejects")
     console.print(t)
     c = Table(title="catalog views (rows)")
     for name in counts:

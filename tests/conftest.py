@@ -51,3 +51,33 @@ def subprocess_env(api_url: str | None = None) -> dict[str, str]:
         env["PREFECT_API_URL"] = api_url
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, request) -> Path:
+    """The built-in SmolLM2 converted once per session (or reused from $D2L_MODEL_CACHE)."""
+    import time
+
+    from model.base_models import read_marker, resolve_base_model
+
+    env = os.environ.get("D2L_MODEL_CACHE")
+    cache = Path(env) if env else tmp_path_factory.mktemp("models")
+    t0 = time.perf_counter()
+    folder = resolve_base_model("smollm2-135m-instruct", cache)
+    seconds = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    build = (read_marker(folder) or {}).get("build_seconds")
+    line = (
+        f"[doc2lora] smollm2-135m-instruct: resolved in {seconds:.1f} s (conversion took {build} s when built; "
+        f"folder {size / 1e6:.0f} MB at {folder})"
+    )
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(line)
+    else:  # pragma: no cover
+        print(line)
+    return folder
+
+

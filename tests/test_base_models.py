@@ -190,29 +190,6 @@ def test_smollm2_gguf_is_found_without_importing_the_package():
 # SmolLM2: the real conversion (slow: ~20 s once per session; D2L_MODEL_CACHE reuses it across runs)
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory, request) -> Path:
-    env = os.environ.get("D2L_MODEL_CACHE")
-    cache = Path(env) if env else tmp_path_factory.mktemp("models")
-    t0 = time.perf_counter()
-    folder = resolve_base_model(SMOLLM2_NAME, cache)
-    seconds = time.perf_counter() - t0
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    build = (read_marker(folder) or {}).get("build_seconds")
-    line = (
-        f"[doc2lora] {SMOLLM2_NAME}: resolved in {seconds:.1f} s (conversion took {build} s when built; "
-        f"folder {size / 1e6:.0f} MB at {folder})"
-    )
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capman is not None:
-        with capman.global_and_fixture_disabled():
-            reporter.write_line(line)
-    else:  # pragma: no cover
-        print(line)
-    return folder
-
-
 @pytest.mark.slow
 def test_smollm2_conversion_loads_offline_and_generates(smollm2_dir):
     import torch

@@ -38,7 +38,7 @@ def make_corpus(folder: Path, n: int = 24) -> Path:
 
 
 def config_for(store: Path, sources: list[str], tok: Path, **extra):
-    sets = [f"store={store}", f"base_model={tok}", "chunk.max_tokens=48", "progress=false"]
+    sets = [f"store={store}", f"base_model={tok}", "chunk.max_tokens=48", "progress=false", "stages=[]"]
     cfg = load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
     return cfg.model_copy(update={"sources": sources})
 
@@ -133,7 +133,7 @@ def test_sql_cli_refuses_writes_and_formats(prefect_server, tmp_path, tiny_token
 
 def _run_cli(store: Path, corpus: Path, tok: Path, api_url: str, **kw) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "flows.cli", "run", "--store", str(store), "--source", str(corpus),
-           "--source", "synthetic://facts?n=6&seed=2", "--base-model", str(tok), "--set", "chunk.max_tokens=48",
+           "--source", "synthetic://facts?n=6&seed=2", "--base-model", str(tok), "--set", "chunk.max_tokens=48", "--set", "stages=[]",
            "--no-progress"]
     return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(api_url), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, **kw)
