@@ -1,0 +1,469 @@
+"""Generation backends: transformers (tiny Llama and tiny LFM2), openai (against a real local HTTP server
+that injects faults), vllm (the missing-package error)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.generation import Generation, Generator, SamplingConfig, make_generator
+from model.generation.openai_backend import backoff_delay, parse_completion
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and spinning threads on shared cores are much slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+# ------------------------------------------------------------------------------------------------------
+# tiny models
+
+
+def _tiny_config(arch: str, tok):
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**common)
+    from transformers import Lfm2Config
+
+    return Lfm2Config(**common, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False)
+
+
+@pytest.fixture(scope="module", params=["llama", "lfm2"])
+def tiny_model_dir(request, tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """A random tiny causal LM saved as an ordinary model folder, with a *misleading* generation config
+    (sampling, top-k, repetition penalty) that the backend must ignore."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(request.param, tok))
+    with torch.no_grad():  # spread the logits: no near-ties between ranks, varied greedy outputs
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.7, top_k=5, repetition_penalty=1.5,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    )
+    out = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _prompts(model_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    questions = [
+        "What is the color of zorb?",
+        "Who wrote the pipeline stages?",
+        "Summarise: the hypernetwork writes one adapter in a single forward pass.",
+        "Why?",
+        "A longer question about documents, chunks, questions, teacher answers and their top-k log-probs.",
+    ]
+    out = []
+    for q in questions:
+        enc = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True)
+        out.append(list(enc["input_ids"]))
+    assert len({len(p) for p in out}) > 2  # different lengths: padding matters
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_gen(tiny_model_dir):
+    gen = make_generator("transformers", tiny_model_dir, batch_size=2)
+    yield gen
+    gen.close()
+
+
+def test_hf_topk_matches_teacher_forced_pass(hf_gen, tiny_model_dir, record_property):
+    """Stored top-k (taken while generating, batched, left-padded) == a fresh teacher-forced forward pass."""
+    k = 8
+    prompts = _prompts(tiny_model_dir)
+    outs = hf_gen.generate(prompts, SamplingConfig(max_new_tokens=10, topk_logprobs=k))
+    assert isinstance(hf_gen, Generator)
+    model = hf_gen.model
+    max_diff, n_tokens = 0.0, 0
+    for p, g in zip(prompts, outs):
+        assert g.error is None and len(g.token_ids) == g.topk_ids.shape[0] == g.topk_logprobs.shape[0]
+        assert g.topk_ids.shape[1] == k and g.topk_ids.dtype == np.int32 and g.topk_logprobs.dtype == np.float32
+        assert np.all(np.diff(g.topk_logprobs, axis=1) <= 0), "rows sorted descending"
+        # greedy on the raw logits (the model's misleading generation config was ignored)
+        assert g.topk_ids[:, 0].tolist() == g.token_ids
+        with torch.no_grad():
+            ids = torch.tensor([p + g.token_ids])
+            logits = model(ids).logits[0, len(p) - 1 : len(p) - 1 + len(g.token_ids)].float()
+        fresh = torch.log_softmax(logits, dim=-1)
+        fresh_lp, fresh_ids = fresh.topk(k, dim=-1)
+        assert np.array_equal(fresh_ids.numpy(), g.topk_ids), "same top-k ids"
+        max_diff = max(max_diff, float(np.abs(fresh_lp.numpy() - g.topk_logprobs).max()))
+        n_tokens += len(g.token_ids)
+    record_property("max_abs_logprob_diff", max_diff)
+    print(f"\n[{hf_gen.identity}] stored vs teacher-forced top-{k}: max |d logprob| = {max_diff:.2e} over {n_tokens} tokens")
+    assert max_diff < 1e-4
+
+
+def test_hf_batched_equals_one_at_a_time(hf_gen, tiny_model_dir):
+    prompts = _prompts(tiny_model_dir)
+    cfg = SamplingConfig(max_new_tokens=12, topk_logprobs=4)
+    batched = make_generator("transformers", tiny_model_dir, batch_size=5).generate(prompts, cfg)
+    single = [hf_gen.generate([p], cfg)[0] for p in prompts]
+    for b, s in zip(batched, single):
+        assert b.token_ids == s.token_ids and b.finished == s.finished and b.text == s.text
+        assert np.array_equal(b.topk_ids, s.topk_ids)
+        assert np.abs(b.topk_logprobs - s.topk_logprobs).max() < 1e-4
+    assert len({tuple(b.token_ids) for b in batched}) > 1  # the outputs differ between prompts
+
+
+def test_hf_stop_tokens_and_finished(hf_gen, tiny_model_dir):
+    prompts = _prompts(tiny_model_dir)
+    free = hf_gen.generate(prompts, SamplingConfig(max_new_tokens=8))
+    for g in free:
+        assert g.finished == (g.token_ids[-1] in hf_gen.eos_ids) and (g.finished or len(g.token_ids) == 8)
+    assert all(g.topk_ids is None and g.topk_logprobs is None for g in free)
+    # a token the first answer produces at step 3 becomes a stop token: the answer ends there, finished
+    stop = free[0].token_ids[3]
+    stopped = hf_gen.generate(prompts, SamplingConfig(max_new_tokens=8, stop_token_ids=(stop,), topk_logprobs=2))
+    g = stopped[0]
+    assert g.finished and g.token_ids[-1] == stop and g.token_ids == free[0].token_ids[: g.token_ids.index(stop) + 1]
+    assert g.topk_ids.shape == (len(g.token_ids), 2)
+    for f, s in zip(free, stopped):  # every answer is the free one cut at its first stop token
+        cut = f.token_ids.index(stop) + 1 if stop in f.token_ids else len(f.token_ids)
+        assert s.token_ids == f.token_ids[:cut] and s.finished == (stop in f.token_ids or f.finished)
+
+
+def test_hf_sampling_is_seeded(hf_gen, tiny_model_dir):
+    prompts = _prompts(tiny_model_dir)[:3]
+    a = hf_gen.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=1))
+    b = hf_gen.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=1))
+    c = hf_gen.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=2))
+    greedy = hf_gen.generate(prompts, SamplingConfig(max_new_tokens=10))
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c] or [g.token_ids for g in a] != [g.token_ids for g in greedy]
+
+
+def test_hf_identity_and_errors(hf_gen, tiny_model_dir, tmp_path):
+    assert hf_gen.identity == f"transformers:{tiny_model_dir}:float32"
+    with pytest.raises(ValueError):
+        hf_gen.generate([[]], SamplingConfig())
+    with pytest.raises(TypeError):
+        hf_gen.generate(["a string"], SamplingConfig())
+    assert hf_gen.generate([], SamplingConfig()) == []
+    with pytest.raises(FileNotFoundError):
+        make_generator("transformers", tmp_path / "missing")
+    with pytest.raises(ValueError):
+        make_generator("nope", "x")
+    with pytest.raises(ValueError):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+    assert SamplingConfig(stop_token_ids=[3]).key_dict()["stop_token_ids"] == [3]
+
+
+def test_vllm_missing_package_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed, even where it is
+    with pytest.raises(ImportError, match=r"doc2lora\[vllm\]"):
+        make_generator("vllm", "/some/model")
+
+
+# ------------------------------------------------------------------------------------------------------
+# openai: a real HTTP server on 127.0.0.1 that speaks vLLM's /v1/completions and injects faults
+
+
+def _completion(prompt: list[int], max_tokens: int, k: int, as_ids: bool = True, with_token_ids: bool = True,
+                top_entries: int | None = None) -> dict:
+    """A deterministic vLLM-shaped reply: answer = prompt[-1]+1, +2, ...; 'stop' when it reaches a
+    multiple of 7 (the stop token is included), else 'length'."""
+    ids = []
+    t = prompt[-1]
+    while len(ids) < max_tokens:
+        t += 1
+        ids.append(t)
+        if t % 7 == 0:
+            break
+    finish = "stop" if ids[-1] % 7 == 0 else "length"
+    name = (lambda i: f"token_id:{i}") if as_ids else (lambda i: f"tok{i}")
+    n_top = k if top_entries is None else top_entries
+    top = []
+    for i in ids:
+        # the sampled token first (as vLLM adds it), then the top-k: candidates i, i+100, i+200, ...
+        entry = {name(i): -0.1}
+        for r in range(n_top):
+            entry[name(i + 100 * r)] = -0.1 - 0.5 * r
+        top.append(entry)
+    choice = {
+        "index": 0,
+        "text": " ".join(f"w{i}" for i in ids),
+        "logprobs": {
+            "text_offset": list(range(len(ids))),
+            "token_logprobs": [-0.1] * len(ids),
+            "tokens": [name(i) for i in ids],
+            "top_logprobs": top if k > 0 else [{name(i): -0.1} for i in ids],
+        },
+        "finish_reason": finish,
+        "stop_reason": None,
+    }
+    if with_token_ids:
+        choice["token_ids"] = ids
+    return {"id": "cmpl-test", "object": "text_completion", "created": 0, "model": "m", "choices": [choice],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)}}
+
+
+class FaultServer:
+    """Per prompt (keyed by its first token), a script of actions for consecutive attempts:
+    'ok', '429', '500', '400', 'drop' (close the socket without replying), 'sleep:S' (then ok),
+    'strings' (ok, tokens as strings), 'short' (ok, too few top-logprobs). After the script: 'ok'."""
+
+    def __init__(self, scripts: dict[int, list[str]] | None = None, default: str = "ok", latency: float = 0.0):
+        self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
+        self.default = default
+        self.latency = latency
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.inflight = 0
+        self.max_inflight = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    script = server.scripts.setdefault(body["prompt"][0], [])
+                    action = script.pop(0) if script else server.default
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                try:
+                    server.handle(self, body, action)
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def handle(self, h: BaseHTTPRequestHandler, body: dict, action: str) -> None:
+        if self.latency:
+            time.sleep(self.latency)
+        if action == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if action.startswith("sleep:"):
+            time.sleep(float(action.split(":")[1]))
+            action = "ok"
+        if action in ("429", "500", "400", "503"):
+            payload = json.dumps({"error": {"message": f"injected {action}", "type": "x", "code": int(action)}}).encode()
+            h.send_response(int(action))
+            if action == "429":
+                h.send_header("Retry-After", "0")
+        else:
+            as_ids = action != "strings" and bool(body.get("return_tokens_as_token_ids"))
+            reply = _completion(body["prompt"], body["max_tokens"], body.get("logprobs") or 0, as_ids=as_ids,
+                                with_token_ids=action != "strings" and bool(body.get("return_token_ids")),
+                                top_entries=2 if action == "short" else None)
+            payload = json.dumps(reply).encode()
+            h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = FaultServer()
+    yield srv
+    srv.close()
+
+
+def _free_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}/v1"
+
+
+FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=5.0)
+
+
+def test_openai_parses_vllm_shape(server):
+    gen = make_generator("openai", "m", base_url=server.url, **FAST)
+    assert gen.identity == "openai:m"
+    prompts = [[10, 11, 12], [20, 21], [40, 1]]
+    outs = gen.generate(prompts, SamplingConfig(max_new_tokens=5, topk_logprobs=3))
+    assert outs[0].token_ids == [13, 14] and outs[0].finished  # 14 = 2 * 7: stop, included
+    assert outs[1].token_ids == [22, 23, 24, 25, 26] and not outs[1].finished
+    g = outs[0]
+    assert g.topk_ids.tolist() == [[13, 113, 213], [14, 114, 214]]  # the extra sampled entry merged, k kept
+    assert np.allclose(g.topk_logprobs, [[-0.1, -0.6, -1.1]] * 2)
+    assert g.topk_ids.dtype == np.int32 and g.topk_logprobs.dtype == np.float32
+    body = server.requests[0]
+    assert body["prompt"] in prompts and body["logprobs"] == 3 and body["max_tokens"] == 5
+    assert body["temperature"] == 0.0 and body["return_tokens_as_token_ids"] is True
+    assert all(o.meta["attempts"] == 1 for o in outs)
+    # parse_completion alone, without token_ids: ids from the "token_id:N" tokens
+    reply = _completion([5], 3, 2, with_token_ids=False)
+    assert parse_completion(reply, 2).token_ids == [6, 7]
+
+
+def test_openai_retries_429_500_drop_then_succeeds(server):
+    server.scripts = {1: ["429", "500", "drop", "503"], 2: ["ok"]}
+    gen = make_generator("openai", "m", base_url=server.url, **FAST)
+    outs = gen.generate([[1, 2], [2, 3]], SamplingConfig(max_new_tokens=3, topk_logprobs=2))
+    assert outs[0].error is None and outs[0].meta["attempts"] == 5 and outs[0].token_ids == [3, 4, 5]
+    assert outs[1].meta["attempts"] == 1
+    assert gen.last_stats["retries"] == 4 and gen.last_stats["failed"] == 0
+
+
+def test_openai_timeout_is_retried(server):
+    server.scripts = {1: ["sleep:1.5"]}
+    gen = make_generator("openai", "m", base_url=server.url, **{**FAST, "timeout": 0.5})
+    t0 = time.perf_counter()
+    [g] = gen.generate([[1, 2]], SamplingConfig(max_new_tokens=2))
+    assert g.error is None and g.meta["attempts"] == 2 and time.perf_counter() - t0 < 5
+    assert g.topk_ids is None
+
+
+def test_openai_per_item_failures_do_not_raise(server):
+    # item 1: a 400 (not retried); item 2: 500 forever (retries exhausted); item 3: fine
+    server.scripts = {1: ["400"], 2: ["500"] * 10}
+    gen = make_generator("openai", "m", base_url=server.url, max_retries=3, **FAST)
+    outs = gen.generate([[1], [2], [3]], SamplingConfig(max_new_tokens=2))
+    assert "HTTP 400" in outs[0].error and outs[0].meta["attempts"] == 1
+    assert "HTTP 500" in outs[1].error and "retries exhausted" in outs[1].error and outs[1].meta["attempts"] == 4
+    assert outs[2].error is None and outs[2].token_ids == [4, 5]
+    assert outs[0].token_ids == [] and not outs[0].finished and not outs[0].ok
+
+
+def test_openai_too_few_logprobs_is_an_item_error(server):
+    server.scripts = {1: ["short"]}
+    gen = make_generator("openai", "m", base_url=server.url, **FAST)
+    outs = gen.generate([[1], [2]], SamplingConfig(max_new_tokens=2, topk_logprobs=4))
+    assert "asked for 4" in outs[0].error and outs[0].meta["attempts"] == 1
+    assert outs[1].ok and outs[1].topk_ids.shape == (2, 4)
+
+
+def test_openai_string_tokens_fall_back_to_tokenizer(server):
+    class Tok:  # convert_tokens_to_ids for vocab strings "tokN"
+        unk_token_id = 0
+        unk_token = "<unk>"
+
+        def convert_tokens_to_ids(self, t):
+            return int(t[3:]) if t.startswith("tok") else 0
+
+    server.scripts = {1: ["strings"]}
+    gen = make_generator("openai", "m", base_url=server.url, tokenizer=Tok(), **FAST)
+    [g] = gen.generate([[1]], SamplingConfig(max_new_tokens=3, topk_logprobs=2))
+    assert g.token_ids == [2, 3, 4] and g.topk_ids[:, 0].tolist() == [2, 3, 4]
+    # without a tokenizer the same reply is an item error, not a crash
+    server.scripts = {1: ["strings"]}
+    [g] = make_generator("openai", "m", base_url=server.url, **FAST).generate([[1]], SamplingConfig(max_new_tokens=3, topk_logprobs=2))
+    assert "no tokenizer" in g.error
+
+
+def test_openai_dead_server_fails_fast():
+    gen = make_generator("openai", "m", base_url=_free_port_url(), max_concurrency=4, retry_budget=6,
+                         breaker_threshold=4, backoff_base=0.02, backoff_max=0.1, timeout=2.0)
+    t0 = time.perf_counter()
+    outs = gen.generate([[i + 1] for i in range(40)], SamplingConfig(max_new_tokens=2))
+    elapsed = time.perf_counter() - t0
+    assert all(o.error and ("connection error" in o.error or "not sent" in o.error) for o in outs)
+    assert gen.last_stats["retries"] <= 6 and gen.last_stats["circuit_open"]
+    assert sum(o.meta["attempts"] for o in outs) < 40 + 6  # budget bounds the retries; some never sent
+    assert any("not sent" in o.error for o in outs)
+    assert elapsed < 10
+
+
+def test_openai_round_robin_and_failover(server):
+    other = FaultServer()
+    try:
+        gen = make_generator("openai", "m", base_url=[server.url, other.url], **FAST)
+        outs = gen.generate([[i + 1] for i in range(8)], SamplingConfig(max_new_tokens=1))
+        assert all(o.ok for o in outs) and len(server.requests) == 4 and len(other.requests) == 4
+    finally:
+        other.close()
+    # one dead URL among two: every item still succeeds (a retry goes to the next URL)
+    gen = make_generator("openai", "m", base_url=[_free_port_url(), server.url], **FAST)
+    outs = gen.generate([[i + 1] for i in range(6)], SamplingConfig(max_new_tokens=1))
+    assert all(o.ok for o in outs)
+
+
+def test_openai_concurrency_cap():
+    srv = FaultServer(latency=0.1)
+    try:
+        gen = make_generator("openai", "m", base_url=srv.url, max_concurrency=3, **FAST)
+        outs = gen.generate([[i + 1] for i in range(12)], SamplingConfig(max_new_tokens=1))
+        assert all(o.ok for o in outs) and srv.max_inflight <= 3 and srv.max_inflight >= 2
+    finally:
+        srv.close()
+
+
+def test_openai_generate_inside_running_loop(server):
+    gen = make_generator("openai", "m", base_url=server.url, **FAST)
+
+    async def main():
+        sync = gen.generate([[1]], SamplingConfig(max_new_tokens=2))  # from inside a loop: runs in a thread
+        asyn = await gen.agenerate([[1]], SamplingConfig(max_new_tokens=2))
+        return sync, asyn
+
+    sync, asyn = asyncio.run(main())
+    assert sync[0].token_ids == asyn[0].token_ids == [2, 3]
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after():
+    import random
+
+    rng = random.Random(0)
+    d = [backoff_delay(a, 0.5, 8.0, rng=rng) for a in (1, 2, 3, 4, 5, 6, 7)]
+    assert 0.25 <= d[0] <= 0.5 and 0.5 <= d[1] <= 1.0 and 1.0 <= d[2] <= 2.0
+    assert all(4.0 <= x <= 8.0 for x in d[4:])  # capped
+    assert backoff_delay(1, 0.5, 8.0, retry_after=3.0, rng=rng) == 3.0
+    assert backoff_delay(1, 0.5, 8.0, retry_after=60.0, rng=rng) == 8.0
+
+
+def test_generation_dataclass_failed():
+    g = Generation.failed("boom", attempts=2)
+    assert not g.ok and g.error == "boom" and g.meta["attempts"] == 2 and g.token_ids == []
