@@ -8,6 +8,7 @@ from prefect import flow
 from tqdm.auto import tqdm
 
 from flows.config import PipelineConfig
+from flows.progress import tracked
 from flows.runs import stage_run
 from tasks.chunk import chunk_key, chunk_unit, tokenizer_id
 from tasks.common import entries_from_dicts
@@ -24,7 +25,8 @@ def chunk_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         doc_shards = sorted((e for entries in manifest.values() for e in entries if e.table == "documents"),
                             key=lambda e: e.path)
         stats.update(shards=len(doc_shards), done_before=0, written=0, chunks=0, rejects=0)
-        for e in tqdm(doc_shards, desc="chunk", unit="shard", disable=not config.progress):
+        for e in tracked(tqdm(doc_shards, desc="chunk", unit="shard", disable=not config.progress), "chunk",
+                         unit="shard"):
             key = chunk_key(e.key, fp, config.chunk)
             if store.done(manifest, "chunk", key):
                 stats["done_before"] += 1

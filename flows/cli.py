@@ -65,6 +65,7 @@ FLOWS = {
     "synthesize": ("flows.synthesize", "synthesize_flow"),
     "teacher": ("flows.teacher", "teacher_flow"),
     "index": ("flows.index", "index_flow"),
+    "train": ("flows.train", "train_flow"),
 }
 
 
@@ -117,6 +118,42 @@ app.command("synthesize")(_stage_command(
 app.command("teacher")(_stage_command(
     "teacher", "Answer every question with its chunk in the prompt; cache the top-k log-probs per token."))
 app.command("index")(_stage_command("index", "Verify shards and rebuild the catalog's SQL views."))
+app.command("train")(_stage_command(
+    "train", "Train (or resume) the hypernetwork on the teacher samples: --set train.optim.total_steps=200 ..."))
+
+
+@app.command("internalize")
+def internalize_cmd(
+    document: str = typer.Argument(..., help="A text file, or the document text itself."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="store/hypernets/NAME (newest checkpoint) or a "
+                                    "checkpoint folder."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PEFT adapter (adapter_config.json + "
+                             "adapter_model.safetensors)."),
+    base_model: Optional[str] = typer.Option(None, help="Base model folder (default: the one it was trained on)."),
+    chunk_max_tokens: Optional[int] = typer.Option(
+        None, help="Split longer documents into chunks of this many tokens (affixes included); one LoRA each, "
+                   "concatenated along the rank."),
+) -> None:
+    """Document in, LoRA adapter out: one forward pass of the trained hypernetwork, saved for PEFT / vLLM."""
+    from tasks.adapters import internalize_to_peft
+
+    text = Path(document).read_text() if Path(document).is_file() else document
+    info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
+    typer.echo(f"adapter: {info['adapter']}  ({info['modules']} modules, rank {info['rank']}, "
+               f"made in {info['seconds'] * 1000:.0f} ms)")
+    typer.echo(f'try:     d2l ask --adapter {info["adapter"]} "your question"')
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str = typer.Argument(..., help="The question; the document is NOT in the prompt."),
+    adapter: Path = typer.Option(..., "--adapter", help="A PEFT adapter folder from `d2l internalize`."),
+    max_new_tokens: int = typer.Option(64, help="Answer length limit."),
+) -> None:
+    """Answer a question with the base model + a generated adapter."""
+    from tasks.adapters import answer_with_adapter
+
+    typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
 
 
 class Format(str, Enum):

@@ -12,6 +12,7 @@ from tasks.chunk import ChunkConfig
 from tasks.ingest import IngestConfig
 from tasks.synthesize import SynthesizeConfig
 from tasks.teacher import TeacherConfig
+from tasks.train import TrainStageConfig
 
 DEFAULT_SOURCES = ["corpus/sample", "synthetic://facts?n=48&seed=0"]
 
@@ -26,7 +27,7 @@ class PipelineConfig(BaseModel):
                                description="Files, folders, globs, synthetic:// or datasets:// specs to ingest.")
     base_model: str = Field("smollm2-135m-instruct",
                             description="A model folder, a hub id, or a built-in name (smollm2-135m-instruct).")
-    stages: list[Literal["synthesize", "teacher"]] = Field(
+    stages: list[Literal["synthesize", "teacher", "train"]] = Field(
         default_factory=lambda: ["synthesize", "teacher"],
         description="Optional stages the pipeline runs after ingest and chunk (index always runs last).")
     lock_timeout: float = Field(0.0, ge=0, description="Seconds to wait for another writer on the store.")
@@ -35,6 +36,9 @@ class PipelineConfig(BaseModel):
     chunk: ChunkConfig = Field(default_factory=ChunkConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    train: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    demo_document: str | None = Field(
+        None, description="After training, write the PEFT adapter of this file to <store>/adapters/demo.")
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -8,6 +8,7 @@ from prefect import flow
 from tqdm.auto import tqdm
 
 from flows.config import PipelineConfig
+from flows.progress import tracked
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
 from tasks.ingest import expand_sources, ingest_key, ingest_unit, spec_rejects_unit
@@ -19,14 +20,18 @@ def ingest_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     with stage_run(config, "ingest") as (store, run_id, stats):
         units, spec_rejects = expand_sources(config.sources, config.ingest)
         manifest = store.catalog.manifest()
-        stats.update(units=len(units), done_before=0, written=0, documents=0, duplicates=0, rejects=0)
+        keys = {u.source: ingest_key(u, config.ingest) for u in units}
+        store.catalog.record_scan(run_id, [(u.source, u.kind, u.fingerprint, keys[u.source]) for u in units])
+        stats.update(scan_id=run_id, units=len(units), done_before=0, written=0, documents=0, duplicates=0,
+                     rejects=0)
         if spec_rejects:
             key, res = spec_rejects_unit(str(store.root), spec_rejects, config.ingest)
             if not store.done(manifest, "ingest", key):
                 store.catalog.register(entries_from_dicts(res["entries"]), run_id)
             stats["rejects"] += len(spec_rejects)
-        for unit in tqdm(units, desc="ingest", unit="source", disable=not config.progress):
-            key = ingest_key(unit, config.ingest)
+        for unit in tracked(tqdm(units, desc="ingest", unit="source", disable=not config.progress), "ingest",
+                            unit="source"):
+            key = keys[unit.source]
             if store.done(manifest, "ingest", key):
                 stats["done_before"] += 1
                 continue

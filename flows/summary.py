@@ -31,6 +31,10 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str = "table", title:
         console.print(f"[dim]{len(rows)} row(s)[/dim]")
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def print_pipeline_summary(stats: dict[str, Any]) -> None:
     """What a pipeline run made and where, and a first query to try."""
     idx = stats.get("index", {})
@@ -55,6 +59,15 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
         t.add_row("teacher", str(te.get("done_before", 0)), str(te.get("written", 0)),
                   f"{te.get('samples', 0)} answers, {te.get('answer_tokens', 0)} answer tokens with top-k, "
                   f"{te.get('unfinished', 0)} unfinished dropped, {te.get('rejects', 0)} rejects")
+    tr = stats.get("train")
+    if tr is not None:
+        t.add_row("train", "", str(tr.get("steps", 0)) + " steps",
+                  f"held-out KL {_num(tr.get('eval_kl_start'))} -> {_num(tr.get('eval_kl_end'))}, top-1 agreement "
+                  f"{_num(tr.get('eval_agreement_start'))} -> {_num(tr.get('eval_agreement_end'))}; curves {tr.get('curve')}")
+    ad = stats.get("adapter")
+    if ad is not None:
+        t.add_row("adapter", "", "1", f"{ad['adapter']} (rank {ad['rank']}, {ad['seconds'] * 1000:.0f} ms); "
+                  f"try: d2l ask --adapter {ad['adapter']} \"What does doc2lora do?\"")
     console.print(t)
     c = Table(title="catalog views (rows)")
     for name in counts:

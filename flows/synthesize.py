@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from flows.config import PipelineConfig
 from flows.lineage import current_lineages
+from flows.progress import tracked
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
 from tasks.generation import generator_identity
@@ -22,7 +23,8 @@ def synthesize_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]
         model_dir, manifest, chains = current_lineages(config, str(store.root))
         gen_id = generator_identity(config.synthesize.generator, model_dir)
         stats.update(units=len(chains), done_before=0, written=0, waiting_for_chunks=0, questions=0, rejects=0)
-        for ch in tqdm(chains, desc="synthesize", unit="shard", disable=not config.progress):
+        for ch in tracked(tqdm(chains, desc="synthesize", unit="shard", disable=not config.progress),
+                          "synthesize", unit="shard"):
             chunks = ch.entry(manifest, "chunk", "chunks")
             if chunks is None:
                 stats["waiting_for_chunks"] += 1

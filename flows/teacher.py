@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from flows.config import PipelineConfig
 from flows.lineage import current_lineages
+from flows.progress import tracked
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
 from tasks.generation import generator_identity
@@ -23,7 +24,8 @@ def teacher_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         teacher_id = generator_identity(config.teacher.generator, model_dir)
         stats.update(units=len(chains), done_before=0, written=0, waiting_for_questions=0, samples=0,
                      answer_tokens=0, unfinished=0, rejects=0)
-        for ch in tqdm(chains, desc="teacher", unit="shard", disable=not config.progress):
+        for ch in tracked(tqdm(chains, desc="teacher", unit="shard", disable=not config.progress), "teacher",
+                          unit="shard"):
             questions = ch.entry(manifest, "synthesize", "questions")
             chunks = ch.entry(manifest, "chunk", "chunks")
             if questions is None or chunks is None:

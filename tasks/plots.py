@@ -1,0 +1,37 @@
+"""Pictures people look at: training curves as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = "hypernetwork training") -> Path:
+    """Train loss per step and held-out CE/KL per evaluation, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if r.get("kind") == "train"]
+    evals = [r for r in history if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training loss (distill + L1)")
+    if evals:
+        for key in ("eval_ce", "eval_kl"):
+            axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+        ax2 = axes[1].twinx()
+        ax2.plot([r["step"] for r in evals], [r["eval_agreement"] for r in evals], "g--", label="top-1 agreement")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("agreement")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("held-out documents")
+    axes[1].legend(loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,80 @@
+"""Train: read teacher samples (with their chunks) from the catalog and fit the hypernetwork.
+
+The task runs in the flow's process: training is one long unit of work whose resumability comes from the
+checkpoints (model/train_loop.py), not from shards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.catalog import Catalog
+
+__all__ = ["TrainStageConfig", "read_training_rows", "train_hypernet", "run_dir"]
+
+
+class TrainStageConfig(BaseModel):
+    """Hypernetwork training: sizes (`hyper`), optimisation (`optim`), and where checkpoints go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("default", description="Run name: checkpoints go to <store>/hypernets/<name>/.")
+    hyper: dict[str, Any] = Field(default_factory=dict, description="HyperConfig fields (model/hyper_config.py).")
+    optim: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields (model/train_config.py).")
+    held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Documents held out for evaluation (by doc_id hash).")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples (smoke runs).")
+    resume: bool = Field(True, description="Continue from the newest checkpoint of this run name.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+
+
+def run_dir(store_root: str, name: str) -> Path:
+    return Path(store_root) / "hypernets" / name
+
+
+def read_training_rows(store_root: str, max_samples: int | None = None) -> list[dict[str, Any]]:
+    """Every teacher sample joined to its chunk's text, in a stable order."""
+    cat = Catalog(store_root)
+    cat.refresh_views()
+    limit = f"LIMIT {int(max_samples)}" if max_samples else ""
+    with cat.read() as con:
+        table = con.sql(
+            "SELECT s.sample_id, s.question_id, s.chunk_id, s.doc_id, s.student_ids, s.answer_start, "
+            "s.n_answer_tokens, s.topk, s.topk_ids, s.topk_logprobs, c.text AS context_text "
+            f"FROM samples s JOIN chunks c USING (chunk_id) ORDER BY s.sample_id {limit}").to_arrow_table()
+    return table.to_pylist()
+
+
+@task(name="train-hypernet")
+def train_hypernet(store_root: str, model_dir: str, cfg: TrainStageConfig, progress: bool = True,
+                   on_metrics=None) -> dict[str, Any]:
+    """Split samples by document, train (resuming when asked), return the summary without the network."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model.base_models import load_tokenizer
+    from model.train_data import split_held_out
+    from model.train_loop import train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rows = read_training_rows(store_root, cfg.max_samples)
+    if not rows:
+        raise ValueError("No teacher samples in the catalog: run the teacher stage first (d2l teacher).")
+    train_rows, eval_rows = split_held_out(rows, cfg.held_out_fraction)
+    out = run_dir(store_root, cfg.name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base_model.json").write_text(json.dumps({"model_dir": model_dir}))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = load_tokenizer(model_dir)
+    summary = train(base, tok, cfg.hyper, cfg.optim, train_rows, eval_rows or None, out, resume=cfg.resume,
+                    on_metrics=on_metrics, progress=progress)
+    summary.pop("hypernet", None)
+    summary["checkpoint"] = str(summary["checkpoint"])
+    summary["out_dir"] = str(summary["out_dir"])
+    summary["train_samples"], summary["eval_samples"] = len(train_rows), len(eval_rows)
+    return summary
