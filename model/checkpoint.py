@@ -147,9 +147,13 @@ def atomic_folder_write(dest: str | Path, write) -> Path:
 
 
 def refuse_pickle(path: str | Path) -> None:
-    """Raise UnsafeCheckpointError if `path` is (or, for a folder without state.json, holds) a pickle."""
+    """Raise UnsafeCheckpointError if `path` is, or (a folder) holds, a pickle / torch.save file.
+
+    A folder is refused when any file in it looks like one (by suffix, or by a pickle / zip magic in a
+    file that is not .safetensors / .json), even a complete doc2lora checkpoint with one planted in it.
+    """
     path = Path(path)
-    files = [path] if path.is_file() else ([] if (path / "state.json").exists() else list(path.glob("*")))
+    files = [path] if path.is_file() else list(path.glob("*"))
     for f in files:
         head = b""
         if f.is_file() and f.suffix.lower() not in (".safetensors", ".json"):

@@ -1,0 +1,138 @@
+"""TrainConfig: how the hypernetwork is trained, saved as JSON beside the checkpoints (``train_config.json``).
+
+Steps are *optimizer* steps; each is ``grad_accum`` micro-batches of ``batch_size`` samples. The learning
+rate warms up linearly from 0 to ``lr`` over ``warmup_steps``, then follows a cosine to ``min_lr`` at
+``total_steps``. bf16 autocast is used only when the base model sits on a CUDA device (and ``bf16`` is on).
+
+Multi-chunk training (the reference's second stage): each training context is split into ``n`` equal token
+pieces, each re-wrapped in the chat template's user-turn affixes, with ``n`` drawn from ``chunk_dist``
+(``{n: probability}``; default p(1)=0.5, p(2)=0.125, p(3..8)=0.0625 each); the hypernetwork writes one LoRA
+per piece and the merged adapter (``merge``) is the one inside the loss. ``multi_chunk=False`` always uses
+one piece (the whole context). Evaluation always uses one piece.
+
+``l1_weight`` and ``merge`` default to the HyperConfig's values (``None`` here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "train_config.json"
+
+
+def default_chunk_dist() -> dict[int, float]:
+    d = {1: 0.5, 2: 0.125}
+    d.update({n: 0.0625 for n in range(3, 9)})
+    return d
+
+
+@dataclass
+class TrainConfig:
+    # -- optimisation
+    lr: float = 1e-3
+    min_lr: float = 1e-5  # the cosine's floor, reached at total_steps
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    weight_decay: float = 0.01  # AdamW, on weight matrices only (not norms, scales, biases)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    batch_size: int = 8  # samples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping (the norm is still reported)
+    # -- data
+    seed: int = 0  # hypernetwork init, data order, chunk draws: all pure functions of the seed
+    bucket_by_length: bool = True  # batches of similar student length
+    bucket_batches: int = 16  # sort window, in batches: rows are sorted by length within windows of this many
+    drop_last: bool = False
+    multi_chunk: bool = True
+    chunk_dist: dict[int, float] = field(default_factory=default_chunk_dist)
+    min_piece_tokens: int = 1  # a context shorter than n * this is split into fewer pieces
+    # -- loss
+    l1_weight: float | None = None  # None: HyperConfig.l1_weight
+    merge: str | None = None  # "concat" | "mean"; None: HyperConfig.merge
+    renormalise: bool = False  # divide the teacher's top-k probabilities by their sum (see distill_loss)
+    compact_logits: bool = True  # compute the LM head only at answer positions (same loss, less memory)
+    # -- evaluation
+    eval_every: int = 100  # 0: only at the end
+    eval_at_start: bool = True  # step 0: the no-update (base model) reference
+    eval_batches: int = 8  # 0: every held-out batch
+    eval_batch_size: int | None = None  # None: batch_size
+    # -- checkpoints / precision / logging
+    checkpoint_every: int = 200  # 0: only at the end
+    keep_last: int = 1  # checkpoint folders kept (the newest); `latest` names the newest
+    bf16: bool = True  # autocast to bfloat16, only on CUDA
+    log_every: int = 1  # metrics rows (and on_metrics calls) every N steps; evals are always reported
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        self.chunk_dist = {int(k): float(v) for k, v in dict(self.chunk_dist).items()}
+        if self.merge == "scaled":
+            self.merge = "mean"
+        if self.merge not in (None, "concat", "mean"):
+            raise ValueError(f"merge must be 'concat', 'mean' or None, got {self.merge!r}")
+        if self.total_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("total_steps, batch_size and grad_accum must be >= 1")
+        if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in 0..total_steps={self.total_steps}")
+        if not self.chunk_dist or min(self.chunk_dist) < 1 or any(p < 0 for p in self.chunk_dist.values()):
+            raise ValueError(f"chunk_dist must map chunk counts >= 1 to probabilities >= 0: {self.chunk_dist}")
+        if sum(self.chunk_dist.values()) <= 0:
+            raise ValueError("chunk_dist has no mass")
+        if self.keep_last < 1:
+            raise ValueError("keep_last must be >= 1")
+
+    # settings that change the result of training (a resume must not change them)
+    RESULT_FIELDS = (
+        "lr", "min_lr", "warmup_steps", "total_steps", "weight_decay", "betas", "eps", "batch_size",
+        "grad_accum", "max_grad_norm", "seed", "bucket_by_length", "bucket_batches", "drop_last",
+        "multi_chunk", "chunk_dist", "min_piece_tokens", "l1_weight", "merge", "renormalise", "bf16",
+    )
+
+    def result_dict(self) -> dict[str, Any]:
+        d = self.to_dict()
+        return {k: d[k] for k in self.RESULT_FIELDS}
+
+    def chunk_probs(self) -> tuple[list[int], list[float]]:
+        """Chunk counts and their normalised probabilities ([1], [1.0] when multi_chunk is off)."""
+        if not self.multi_chunk:
+            return [1], [1.0]
+        ns = sorted(self.chunk_dist)
+        total = sum(self.chunk_dist.values())
+        return ns, [self.chunk_dist[n] / total for n in ns]
+
+    # -- JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["chunk_dist"] = {str(k): v for k, v in sorted(self.chunk_dist.items())}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, folder_or_file: str | Path) -> "TrainConfig":
+        p = Path(folder_or_file)
+        if p.is_dir():
+            p = p / CONFIG_NAME
+        return cls.from_dict(json.loads(p.read_text()))
