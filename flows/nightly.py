@@ -6,7 +6,8 @@ plus bookkeeping:
 1. ingest rescans the sources and records what it saw (`source_scans`);
 2. the scan is compared with the one of the previous completed refresh (for the first refresh: the last
    ingest before it, e.g. a `d2l run`): new, changed, removed files;
-3. chunk -> synthesize -> teacher (those in `stages`) -> index run; only the new units do work;
+3. chunk -> synthesize -> teacher (those in `stages`) -> index run; only the new units do work (the refresh
+   does not train: `train` in `stages` is ignored here; the train deployment does that);
 4. `document_status` is updated: documents the current files produce are `present`; documents that were
    present and are produced no more (a removed file, or a file whose content changed) become `missing`.
    Nothing is deleted: their shards and rows stay, and `since` says when the status changed;
@@ -118,13 +119,13 @@ def _model_work(stats: dict[str, Any]) -> dict[str, int]:
     return work
 
 
-def _listing(title: str, items: list[str]) -> list[str]:
-    if not items:
+def _listing(title: str, items: list[str], total: int) -> list[str]:
+    if not total:
         return []
-    lines = ["", f"## {title} ({len(items)})", ""]
+    lines = ["", f"## {title} ({total})", ""]
     lines += [f"- `{s}`" for s in items[:MAX_LISTED]]
-    if len(items) > MAX_LISTED:
-        lines.append(f"- ... and {len(items) - MAX_LISTED} more")
+    if total > len(items[:MAX_LISTED]):
+        lines.append(f"- ... and {total - len(items[:MAX_LISTED])} more")
     return lines
 
 
@@ -142,8 +143,8 @@ def summary_markdown(stats: dict[str, Any]) -> str:
              " (first refresh: compared with the last ingest on this store)" if base.get("kind") == "ingest" else
              " (first scan of this store: every file counts as new)")
     rows = [
-        ("files new", len(files["new"])), ("files changed", len(files["changed"])),
-        ("files removed", len(files["removed"])), ("files unchanged", len(files["unchanged"])),
+        ("files new", files["new"]), ("files changed", files["changed"]),
+        ("files removed", files["removed"]), ("files unchanged", files["unchanged"]),
         ("documents present", docs["present"]), ("documents new", docs["new"]),
         ("documents marked missing", docs["missing"]), ("documents back after missing", docs["back"]),
         ("chunk units written", work["chunk_units"]), ("chunks written", work["chunks"]),
@@ -155,9 +156,9 @@ def summary_markdown(stats: dict[str, Any]) -> str:
              f"Store `{stats['store']}`, scan `{stats['scan_id']}`, {stats.get('finished', '')}", "",
              "| what | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += _listing("New files", files["new"])
-    lines += _listing("Changed files", files["changed"])
-    lines += _listing("Removed files", files["removed"])
+    listed = stats.get("file_changes", {})
+    for title, kind in (("New files", "new"), ("Changed files", "changed"), ("Removed files", "removed")):
+        lines += _listing(title, listed.get(kind, []), files[kind])
     gone = docs.get("missing_documents", [])
     if gone:
         lines += ["", f"## Documents marked missing ({docs['missing']})", "", "| doc_id | source |", "|---|---|"]
@@ -185,7 +186,9 @@ def _refresh(cfg: PipelineConfig) -> dict[str, Any]:
         stats["scan_id"] = scan_id
         stats["baseline"] = {"scan_id": before_id, "kind": baseline if before_id else None}
         stats["first_refresh"] = baseline == "ingest"
-        stats["files"] = diff_scans(before, st.catalog.scan(scan_id))
+        diff = diff_scans(before, st.catalog.scan(scan_id))
+        stats["files"] = {k: len(v) for k, v in diff.items()}  # counts; the names (capped) below
+        stats["file_changes"] = {k: diff[k][:MAX_LISTED] for k in ("new", "changed", "removed")}
         stats["chunk"] = chunk_flow(cfg)
         if "synthesize" in cfg.stages:
             stats["synthesize"] = synthesize_flow(cfg)
@@ -234,6 +237,6 @@ def nightly_refresh_flow(
     f = result.get("files")
     if f:
         logger.info("refresh: %d new, %d changed, %d removed files; %s documents marked missing; %s model calls",
-                    len(f["new"]), len(f["changed"]), len(f["removed"]), result["documents"]["missing"],
+                    f["new"], f["changed"], f["removed"], result["documents"]["missing"],
                     result["work"]["model_calls"])
     return result

@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS manifest (
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY, flow VARCHAR, started TIMESTAMP, finished TIMESTAMP, status VARCHAR,
     config VARCHAR, stats VARCHAR);
+CREATE TABLE IF NOT EXISTS source_scans (
+    scan_id VARCHAR, scanned TIMESTAMP, source VARCHAR, kind VARCHAR, fingerprint VARCHAR, unit_key VARCHAR,
+    PRIMARY KEY (scan_id, source));
+CREATE TABLE IF NOT EXISTS document_status (
+    doc_id VARCHAR PRIMARY KEY, status VARCHAR, since TIMESTAMP, source VARCHAR, scan_id VARCHAR);
 """
 
 Manifest = dict[tuple[str, str], list[ShardEntry]]
@@ -138,6 +143,60 @@ class Catalog:
                 "UPDATE runs SET finished = ?, status = ?, stats = ? WHERE run_id = ?",
                 [_now(), status, json.dumps(stats, default=str), run_id],
             )
+
+    # -- scans and document status (the nightly refresh) --------------------------------------------------
+    def record_scan(self, scan_id: str, units: list[tuple[str, str, str, str]]) -> None:
+        """Record what one ingest scan saw: (source, kind, fingerprint, unit_key) per source unit."""
+        with self.write() as con:
+            con.execute("DELETE FROM source_scans WHERE scan_id = ?", [scan_id])
+            now = _now()
+            if units:
+                con.executemany("INSERT INTO source_scans VALUES (?, ?, ?, ?, ?, ?)",
+                                [[scan_id, now, *u] for u in units])
+
+    def scan(self, scan_id: str | None) -> dict[str, tuple[str, str, str]]:
+        """source -> (kind, fingerprint, unit_key) for one recorded scan ({} for None or an unknown id)."""
+        if not scan_id or not self.path.exists():
+            return {}
+        with self.read() as con:
+            rows = con.execute("SELECT source, kind, fingerprint, unit_key FROM source_scans WHERE scan_id = ?",
+                               [scan_id]).fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def mark_documents(self, scan_id: str, max_listed: int = 200) -> dict:
+        """Set `document_status` from one scan: documents its units produce are present; documents that were
+        present before and are produced no more become missing (never deleted); missing ones that come back
+        are present again. `since` is when the status last changed."""
+        with self.write() as con:
+            paths = [r[0] for r in con.execute(
+                "SELECT m.path FROM manifest m JOIN source_scans s ON m.stage = 'ingest' AND m.key = s.unit_key "
+                "WHERE s.scan_id = ? AND m.table_name = 'documents' ORDER BY m.path", [scan_id]).fetchall()]
+            con.execute("CREATE TEMP TABLE _present (doc_id VARCHAR PRIMARY KEY, source VARCHAR)")
+            if paths:
+                files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+                con.execute(f"INSERT INTO _present SELECT doc_id, min(source) FROM read_parquet({files}) "
+                            "GROUP BY doc_id")
+            now = _now()
+            new = [r[0] for r in con.execute(
+                "SELECT doc_id FROM _present WHERE doc_id NOT IN (SELECT doc_id FROM document_status) "
+                "ORDER BY doc_id").fetchall()]
+            back = [r[0] for r in con.execute(
+                "SELECT doc_id FROM document_status WHERE status = 'missing' "
+                "AND doc_id IN (SELECT doc_id FROM _present) ORDER BY doc_id").fetchall()]
+            gone = con.execute(
+                "SELECT doc_id, source FROM document_status WHERE status = 'present' "
+                "AND doc_id NOT IN (SELECT doc_id FROM _present) ORDER BY source, doc_id").fetchall()
+            con.execute("INSERT INTO document_status SELECT doc_id, 'present', ?, source, ? FROM _present "
+                        "WHERE doc_id NOT IN (SELECT doc_id FROM document_status)", [now, scan_id])
+            con.execute("UPDATE document_status d SET since = CASE WHEN d.status = 'missing' THEN ? ELSE d.since "
+                        "END, status = 'present', source = p.source, scan_id = ? FROM _present p "
+                        "WHERE d.doc_id = p.doc_id", [now, scan_id])
+            con.execute("UPDATE document_status SET status = 'missing', since = ?, scan_id = ? WHERE status = "
+                        "'present' AND doc_id NOT IN (SELECT doc_id FROM _present)", [now, scan_id])
+            present = con.execute("SELECT count(*) FROM _present").fetchone()[0]
+            con.execute("DROP TABLE _present")
+        return {"present": int(present), "new": len(new), "back": len(back), "missing": len(gone),
+                "missing_documents": [{"doc_id": d, "source": s} for d, s in gone[:max_listed]]}
 
     # -- views -------------------------------------------------------------------------------------------
     def _schema_file(self, table: str) -> Path:
