@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.chunk import ChunkConfig
+from tasks.chunk import ChunkStageConfig
 from tasks.ingest import IngestConfig
 from tasks.synthesize import SynthesizeConfig
 from tasks.teacher import TeacherConfig
@@ -33,7 +33,7 @@ class PipelineConfig(BaseModel):
     lock_timeout: float = Field(0.0, ge=0, description="Seconds to wait for another writer on the store.")
     progress: bool = Field(True, description="Show progress bars.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
-    chunk: ChunkConfig = Field(default_factory=ChunkConfig)
+    chunk: ChunkStageConfig = Field(default_factory=ChunkStageConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     train: TrainStageConfig = Field(default_factory=TrainStageConfig)

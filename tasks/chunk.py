@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.base_models import load_tokenizer
 from model.chunking import ChunkConfig, chunk_document, tokenizer_fingerprint
@@ -17,7 +18,19 @@ from tasks.common import entries_to_dicts
 
 CHUNK_VERSION = "1"
 
-__all__ = ["CHUNK_VERSION", "ChunkConfig", "chunk_key", "chunk_unit", "tokenizer_id"]
+__all__ = ["CHUNK_VERSION", "ChunkStageConfig", "chunk_key", "chunk_unit", "tokenizer_id"]
+
+
+class ChunkStageConfig(BaseModel):
+    """Chunking settings, with bounds the UI and the API check before any work starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(512, ge=8, description="Tokens per chunk, chat-template affixes included.")
+    overlap_tokens: int = Field(0, ge=0, description="Tokens shared by neighbouring chunks.")
+
+    def to_model(self) -> ChunkConfig:
+        return ChunkConfig(max_tokens=self.max_tokens, overlap_tokens=self.overlap_tokens)
 
 
 @lru_cache(maxsize=4)
@@ -30,13 +43,13 @@ def tokenizer_id(model_dir: str) -> str:
     return tokenizer_fingerprint(_tokenizer(model_dir))
 
 
-def chunk_key(documents_key: str, tokenizer_fp: str, cfg: ChunkConfig) -> str:
+def chunk_key(documents_key: str, tokenizer_fp: str, cfg: ChunkStageConfig) -> str:
     return content_key("chunk", CHUNK_VERSION, {"max_tokens": cfg.max_tokens, "overlap": cfg.overlap_tokens},
                        [documents_key, tokenizer_fp])
 
 
 @task(name="chunk-unit", task_run_name="chunk {key}")
-def chunk_unit(store_root: str, documents_path: str, model_dir: str, cfg: ChunkConfig, key: str) -> dict[str, Any]:
+def chunk_unit(store_root: str, documents_path: str, model_dir: str, cfg: ChunkStageConfig, key: str) -> dict[str, Any]:
     """Chunk every document of one shard; a document that fails becomes a reject, not a crash."""
     tok = _tokenizer(model_dir)
     docs = pq.read_table(documents_path, columns=["doc_id", "text", "source"]).to_pylist()
@@ -44,7 +57,7 @@ def chunk_unit(store_root: str, documents_path: str, model_dir: str, cfg: ChunkC
     rejects: list[dict] = []
     for d in docs:
         try:
-            rows.extend(chunk_document(d["doc_id"], d["text"], tok, cfg))
+            rows.extend(chunk_document(d["doc_id"], d["text"], tok, cfg.to_model()))
         except Exception as exc:  # noqa: BLE001 - record and go on
             rejects.append({"stage": "chunk", "source": d["source"], "item": d["doc_id"],
                             "reason": "chunk_failed", "detail": f"{type(exc).__name__}: {exc}"})

@@ -146,7 +146,8 @@ def test_deploy_all_run_through_the_api_and_refuse_bad_parameters(tmp_path, tiny
 
             # bad parameters are refused by the API: no flow run is created, so no work can start
             pipeline = deployments["pipeline/pipeline"]
-            for bad in ({"config": {"chunk": {"max_tokens": "many"}}}, {"config": {"ingest": {"max_bytes": -3}}},
+            for bad in ({"config": {"chunk": {"max_tokens": "many"}}}, {"config": {"chunk": {"max_tokens": -3}}},
+                        {"config": {"ingest": {"max_bytes": -3}}},
                         {"config": {"lock_timeout": -1}}, {"config": {"stages": ["no-such-stage"]}},
                         {"config": {"no_such_setting": 1}}):
                 with pytest.raises(PrefectHTTPStatusError) as err:
