@@ -65,7 +65,7 @@ FLOWS = {
     "synthesize": ("flows.synthesize", "synthesize_flow"),
     "teacher": ("flows.teacher", "teacher_flow"),
     "index": ("flows.index", "index_flow"),
-    "train": ("flows.train", "train_flow"),
+    "train": ("flows.train_ddp", "run_train"),  # the train flow; data-parallel under torchrun (docs/scaling.md)
 }
 
 

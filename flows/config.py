@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.runners import RunnerConfig
 from tasks.chunk import ChunkStageConfig
 from tasks.ingest import IngestConfig
 from tasks.synthesize import SynthesizeConfig
@@ -37,6 +38,8 @@ class PipelineConfig(BaseModel):
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     train: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig,
+                                 description="Where the units of ingest/chunk/synthesize/teacher run (docs/scaling.md).")
     demo_document: str | None = Field(
         None, description="After training, write the PEFT adapter of this file to <store>/adapters/demo.")
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from tqdm.auto import tqdm
 
 from flows.config import PipelineConfig
-from flows.progress import tracked
+from flows.runners import run_units
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
-from tasks.ingest import expand_sources, ingest_key, ingest_unit, spec_rejects_unit
+from tasks.ingest import SourceUnit, expand_sources, ingest_key, ingest_unit, spec_rejects_unit
 
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
-    """Read every source; skip units already in the manifest; bad input goes to `rejects`."""
+    """Read every source; skip units already in the manifest; bad input goes to `rejects`.
+
+    One task per source unit, run by `config.runner` (flows/runners.py); only this process writes the catalog."""
     with stage_run(config, "ingest") as (store, run_id, stats):
         units, spec_rejects = expand_sources(config.sources, config.ingest)
         manifest = store.catalog.manifest()
@@ -29,15 +30,19 @@ def ingest_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
             if not store.done(manifest, "ingest", key):
                 store.catalog.register(entries_from_dicts(res["entries"]), run_id)
             stats["rejects"] += len(spec_rejects)
-        for unit in tracked(tqdm(units, desc="ingest", unit="source", disable=not config.progress), "ingest",
-                            unit="source"):
+
+        def plan(unit: SourceUnit) -> dict[str, Any] | str:
             key = keys[unit.source]
             if store.done(manifest, "ingest", key):
-                stats["done_before"] += 1
-                continue
-            res = ingest_unit(str(store.root), unit, config.ingest, key)
+                return "done_before"
+            return {"store_root": str(store.root), "unit": unit, "cfg": config.ingest, "key": key}
+
+        def done(unit: SourceUnit, res: dict[str, Any]) -> None:
             store.catalog.register(entries_from_dicts(res["entries"]), run_id)
             stats["written"] += 1
             for k in ("documents", "duplicates", "rejects"):
                 stats[k] += int(res["stats"].get(k, 0))
+
+        run_units(config.runner, ingest_unit, units, plan, done, stats=stats, stage="ingest", unit="source",
+                  progress=config.progress)
         return dict(stats)

@@ -13,6 +13,7 @@ from flows.chunk import chunk_flow
 from flows.config import PipelineConfig
 from flows.index import index_flow
 from flows.ingest import ingest_flow
+from flows.runners import shared_runner
 from flows.runs import stage_run
 from flows.synthesize import synthesize_flow
 from flows.teacher import teacher_flow
@@ -26,12 +27,13 @@ STAGES = ("ingest", "chunk", "synthesize", "teacher", "index", "train")
 def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """Run every stage in order under one writer lock; returns each stage's stats."""
     with stage_run(config, "pipeline") as (store, run_id, stats):
-        stats["ingest"] = ingest_flow(config)
-        stats["chunk"] = chunk_flow(config)
-        if "synthesize" in config.stages:
-            stats["synthesize"] = synthesize_flow(config)
-        if "teacher" in config.stages:
-            stats["teacher"] = teacher_flow(config)
+        with shared_runner(config.runner):  # the data stages share one runner (one Dask cluster / Ray runtime)
+            stats["ingest"] = ingest_flow(config)
+            stats["chunk"] = chunk_flow(config)
+            if "synthesize" in config.stages:
+                stats["synthesize"] = synthesize_flow(config)
+            if "teacher" in config.stages:
+                stats["teacher"] = teacher_flow(config)
         stats["index"] = index_flow(config)
         if "train" in config.stages:
             stats["train"] = train_flow(config)

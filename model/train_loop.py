@@ -48,6 +48,8 @@ from model import train_data as td
 from model.batched_lora import apply_adapter, freeze, merge_chunks
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.context_encoder import ContextEncoder
+from model.distributed import DistContext, all_reduce_step, rows_digest, shard_batch, shard_loss
+from model.distributed import current as current_dist
 from model.distill_loss import LossParts, answer_logits, distill_loss
 from model.hyper_config import HyperConfig
 from model.hypernet import HyperNetwork
@@ -304,6 +306,7 @@ def train(
     resume: bool = True,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
     """Train a hypernetwork for `base_model` on teacher rows; returns a summary dict.
 
@@ -315,7 +318,13 @@ def train(
     Returns ``{"step", "total_steps", "checkpoint" (Path of the newest checkpoint), "history" (all metrics
     rows of the run, including those before a resume), "final_eval", "resumed_from" (step or None),
     "hypernet" (the trained HyperNetwork, on the base model's device), "out_dir"}``.
+
+    Data-parallel (``model/distributed.py``; `dist` defaults to the process group this process joined, if
+    any): every rank trains on its share of each global micro-batch, gradients are summed across ranks, and
+    only rank 0 evaluates and writes files or calls `on_metrics`; the result equals single-process training
+    up to float rounding.
     """
+    dist = dist or current_dist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_dict(dict(train_cfg))
@@ -336,6 +345,7 @@ def train(
         raise ValueError("no training rows")
     for r in (*train_rows, *eval_rows):
         td.validate_row(r)
+    dist.check_same((rows_digest(train_rows), rows_digest(eval_rows)), "the training rows")
     train_ctx = [td.context_ids_of(r, tokenizer) for r in train_rows]
     eval_ctx = [td.context_ids_of(r, tokenizer) for r in eval_rows]
     prefix, suffix = td.affixes(tokenizer)
@@ -369,7 +379,7 @@ def train(
     root = checkpoint_root(out_dir)
     metrics_path = out_dir / METRICS
     start_step, resumed_from = 0, None
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    ckpt = dist.broadcast_object(latest_checkpoint(out_dir) if resume else None)  # rank 0 chooses
     if ckpt is not None:
         saved_train = json.loads((ckpt / "state.json").read_text()).get("extra", {}).get("train_config")
         if saved_train is not None and not _same(saved_train, cfg.result_dict()):
@@ -379,28 +389,33 @@ def train(
         if info["config"] is not None and not _same(info["config"], hcfg.to_dict()):
             raise ValueError(f"{ckpt}: the hypernetwork config differs from the checkpointed one")
         start_step = resumed_from = int(info["step"])
-    elif root.exists():
+    elif root.exists() and dist.is_main:
         shutil.rmtree(root)
-    for stale in root.glob(".*") if root.exists() else []:  # temporaries of a checkpoint write cut by a crash
+    for stale in root.glob(".*") if root.exists() and dist.is_main else []:  # a checkpoint write cut by a crash
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     history = _read_metrics(metrics_path, start_step) if ckpt is not None else []
-    _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    cfg.save(out_dir)
-    hcfg.save(out_dir)
+    dist.broadcast_parameters(net)  # equal already (same seed / checkpoint); made sure
+    if dist.is_main:
+        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        cfg.save(out_dir)
+        hcfg.save(out_dir)
 
     compact = cfg.compact_logits
     if compact and start_step < cfg.total_steps:
         compact = compact_logits_agree(base_model, micro_batch(0).batch)  # the same batch on a resume
+    compact = dist.broadcast_object(compact)
 
     def emit(row: dict[str, Any]) -> None:
         history.append(row)
+        if not dist.is_main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if on_metrics is not None:
             on_metrics(row)
 
     def run_eval(step: int) -> dict[str, Any] | None:
-        if not eval_tbs:
+        if not eval_tbs or not dist.is_main:
             return None
         t0 = time.perf_counter()
         row = {"kind": "eval", "step": step, **evaluate(base_model, net, encoder, eval_tbs, merge,
@@ -409,7 +424,9 @@ def train(
         emit(row)
         return row
 
-    def checkpoint(step: int, epoch: int) -> Path:
+    def checkpoint(step: int, epoch: int) -> Path | None:
+        if not dist.is_main:
+            return None
         root.mkdir(parents=True, exist_ok=True)
         folder = save_checkpoint(root / f"{STEP_PREFIX}{step:08d}", net, hcfg, opt, sched, step=step,
                                  extra={"epoch": epoch, "micro_batches": step * cfg.grad_accum,
@@ -423,7 +440,7 @@ def train(
         final_eval = run_eval(0) or final_eval
     params = [p for p in net.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
-    bar = _tqdm(cfg.total_steps, start_step, progress)
+    bar = _tqdm(cfg.total_steps, start_step, progress and dist.is_main)
     epoch = order.epoch_of(start_step * cfg.grad_accum)
     try:
         for step in range(start_step + 1, cfg.total_steps + 1):
@@ -434,16 +451,27 @@ def train(
             for a in range(cfg.grad_accum):
                 tb = micro_batch((step - 1) * cfg.grad_accum + a)
                 epoch = tb.epoch
+                shard = shard_batch(tb, dist.rank, dist.world_size) if dist.enabled else None
+                if shard is not None:
+                    tb = shard.tb
+                elif dist.enabled:  # no context of this micro-batch for this rank
+                    continue
                 with autocast():
                     parts, _, _ = forward_loss(base_model, net, encoder, tb, merge, l1_weight, cfg.renormalise, compact)
-                (parts.loss / cfg.grad_accum).backward()
-                loss += float(parts.loss.detach()) / cfg.grad_accum
-                distill += float(parts.distill.detach()) / cfg.grad_accum
-                l1 += float(parts.l1.detach()) / cfg.grad_accum
+                total, part_distill, part_l1 = (parts.loss, parts.distill, parts.l1) if shard is None else \
+                    shard_loss(parts, shard, l1_weight)
+                (total / cfg.grad_accum).backward()
+                loss += float(total.detach()) / cfg.grad_accum
+                distill += float(part_distill.detach()) / cfg.grad_accum
+                l1 += float(part_l1.detach()) / cfg.grad_accum
                 samples += tb.n_samples
                 tokens += int(tb.batch["attention_mask"].sum())
                 ans_tokens += parts.n_tokens
                 n_chunks += len(tb.chunks)
+            if dist.enabled:  # sum the ranks' gradients and statistics: the single-process values
+                loss, distill, l1, samples, tokens, ans_tokens, n_chunks = all_reduce_step(
+                    params, [loss, distill, l1, samples, tokens, ans_tokens, n_chunks])
+                samples, tokens, ans_tokens, n_chunks = int(samples), int(tokens), int(ans_tokens), int(n_chunks)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             skipped = not math.isfinite(grad_norm)
             if not skipped:
@@ -464,6 +492,7 @@ def train(
                 checkpoint(step, epoch)
     finally:
         bar.close()
+    dist.barrier()  # rank 0's last checkpoint is complete before anyone looks for it
     newest = latest_checkpoint(out_dir)
     return {
         "step": cfg.total_steps,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -33,9 +34,15 @@ class ChunkStageConfig(BaseModel):
         return ChunkConfig(max_tokens=self.max_tokens, overlap_tokens=self.overlap_tokens)
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(model_dir: str):
+@lru_cache(maxsize=16)
+def _thread_tokenizer(model_dir: str, thread: int):
     return load_tokenizer(model_dir)
+
+
+def _tokenizer(model_dir: str):
+    """One tokenizer per thread: a fast tokenizer keeps per-call state (split_special_tokens) on its shared
+    backend, so units running at once on the threads runner must not share one instance."""
+    return _thread_tokenizer(model_dir, threading.get_ident())
 
 
 def tokenizer_id(model_dir: str) -> str:

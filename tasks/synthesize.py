@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -38,9 +39,14 @@ class SynthesizeConfig(BaseModel):
     generator: BackendConfig = Field(default_factory=BackendConfig)
 
 
-@lru_cache(maxsize=4)
-def tokenizer_for(model_dir: str):
+@lru_cache(maxsize=16)
+def _thread_tokenizer(model_dir: str, thread: int):
     return load_tokenizer(model_dir)
+
+
+def tokenizer_for(model_dir: str):
+    """One tokenizer per thread (see tasks/chunk.py `_tokenizer`): units may run at once in threads."""
+    return _thread_tokenizer(model_dir, threading.get_ident())
 
 
 def synth_key(chunks_key: str, generator_id: str, cfg: SynthesizeConfig) -> str:

@@ -36,10 +36,12 @@ def run_dir(store_root: str, name: str) -> Path:
     return Path(store_root) / "hypernets" / name
 
 
-def read_training_rows(store_root: str, max_samples: int | None = None) -> list[dict[str, Any]]:
-    """Every teacher sample joined to its chunk's text, in a stable order."""
+def read_training_rows(store_root: str, max_samples: int | None = None, refresh: bool = True) -> list[dict[str, Any]]:
+    """Every teacher sample joined to its chunk's text, in a stable order (`refresh`: rebuild the views
+    first, a catalog write; data-parallel ranks other than 0 read without it)."""
     cat = Catalog(store_root)
-    cat.refresh_views()
+    if refresh:
+        cat.refresh_views()
     limit = f"LIMIT {int(max_samples)}" if max_samples else ""
     with cat.read() as con:
         table = con.sql(
@@ -50,29 +52,39 @@ def read_training_rows(store_root: str, max_samples: int | None = None) -> list[
 
 
 @task(name="train-hypernet")
-def train_hypernet(store_root: str, model_dir: str, cfg: TrainStageConfig, progress: bool = True,
+def train_hypernet(store_root: str, model_dir: str | None, cfg: TrainStageConfig, progress: bool = True,
                    on_metrics=None) -> dict[str, Any]:
-    """Split samples by document, train (resuming when asked), return the summary without the network."""
+    """Split samples by document, train (resuming when asked), return the summary without the network.
+
+    Data-parallel (a process group joined, see flows/train_ddp.py): rank 0 refreshes the views and passes
+    the model folder on (`model_dir` may be None elsewhere); only rank 0 writes files and metrics."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from model.base_models import load_tokenizer
+    from model.distributed import current as current_dist
     from model.train_data import split_held_out
     from model.train_loop import train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rows = read_training_rows(store_root, cfg.max_samples)
-    if not rows:
+    dist = current_dist()
+    rows = read_training_rows(store_root, cfg.max_samples) if dist.is_main else []
+    model_dir, n_rows = dist.broadcast_object((model_dir, len(rows)))  # after rank 0 refreshed the views
+    if not n_rows:
         raise ValueError("No teacher samples in the catalog: run the teacher stage first (d2l teacher).")
+    if not dist.is_main:
+        rows = read_training_rows(store_root, cfg.max_samples, refresh=False)
     train_rows, eval_rows = split_held_out(rows, cfg.held_out_fraction)
     out = run_dir(store_root, cfg.name)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "base_model.json").write_text(json.dumps({"model_dir": model_dir}))
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "base_model.json").write_text(json.dumps({"model_dir": model_dir}))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dist.device())
     tok = load_tokenizer(model_dir)
     summary = train(base, tok, cfg.hyper, cfg.optim, train_rows, eval_rows or None, out, resume=cfg.resume,
-                    on_metrics=on_metrics, progress=progress)
+                    on_metrics=on_metrics if dist.is_main else None, progress=progress and dist.is_main,
+                    dist=dist)
     summary.pop("hypernet", None)
     summary["checkpoint"] = str(summary["checkpoint"])
     summary["out_dir"] = str(summary["out_dir"])
