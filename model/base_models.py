@@ -386,3 +386,11 @@ def build_smollm2_135m_instruct(out_dir: Path) -> None:
         "torch_version": torch.__version__,
     }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@register_builtin("toy")
+def _build_toy(path: Path) -> None:
+    """The toy-world model (model/toy_model.py): a tiny LFM2 trained here on toy-world documents."""
+    from model.toy_model import build_toy_model_folder
+
+    build_toy_model_folder(path)
