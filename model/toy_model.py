@@ -1,21 +1,36 @@
 """The `toy` built-in base model: a tiny causal LM trained to answer toy-world questions from its context.
 
 DESIGN.md section 6. The model is an architecture that `transformers` ships (LFM2 by default: a hybrid of
-gated short causal convolutions and full attention), built with random weights and trained here, on two
-CPU cores, in a minute or two. Afterwards it is an ordinary Hugging Face model folder
-(`save_pretrained`, safetensors, tokenizer with a chat template); every later stage treats it like any
-other base model.
+gated short causal convolutions and full attention), built with random weights and trained here: ~190
+steps, 12-20 s of training on 1-2 idle CPU cores (longer when the cores are shared). Afterwards it is an
+ordinary Hugging Face model folder (`save_pretrained`, safetensors, tokenizer with a chat template);
+every later stage treats it like any other base model.
 
 Training data: chat-template prompts whose user turn is `toy_prompt(document, question)` (the document,
 a blank line, the question) and whose assistant turn is the gold value; the loss is on the assistant
 turn only (the value token and the closing eos). Without the document the model can only guess: its
 exact match is then around chance (1 in 10 values of the asked relation).
 
-Why LFM2: in a plain-torch study (DESIGN.md section 6) a 2-layer attention-only model stalled at ~52% for
-minutes, because tying an entity to its value needs an induction-style head; a short causal depthwise
-convolution before attention removed the stall. LFM2's "conv" layers are exactly such a short
-convolution, so the whole model stays a stock `transformers` architecture. Its MLP projections are
-named w1/w2/w3 (not gate/up/down_proj): nothing downstream may assume Llama module names.
+How it learns fast enough (measurements: benchmarks/toy_model_train.py's docstring): a
+plain causal LM, attention-only (Llama) or LFM2 with its stock initialisation, learns "answer some value
+of the asked relation" in ~200 steps and then stalls at ~52% exact match for thousands of steps: tying
+the entity to its value needs the model to discover token shifts and a matching attention pattern at the
+same time. Two initialisations remove the stall (both ordinary weights, trained afterwards):
+
+- `conv_init="shift"`: each LFM2 short-conv block starts as `h + shift(norm(h))`, channel c delayed by
+  c mod k (gates open, identity projections). With kernel k = 6, "color of zorb" sits at lags 3..5 both
+  before "? </s> <|assistant|>" (the position that must answer) and before "is teal ." (the fact);
+- `tie_qk_init=True`: keys start equal to queries, so attention starts as similarity matching and the
+  answer position attends to the fact whose context matches its own.
+
+With both, LFM2 (conv + attention, d=128, ~0.34 M parameters) reaches >99% in 200-300 steps on every seed
+tried; without the shift it stalls at ~53%, with kernel 5 it is several times slower, without the tied
+init 2 of 4 seeds were still stalled after 500 steps. RoPE with a huge base (1e9) makes attention almost
+position-free (the conv carries the local order), which also generalises to documents longer than the
+trained ones.
+
+The model is a stock `transformers` LFM2 (`Lfm2ForCausalLM`): its MLP projections are named w1/w2/w3 and
+its mixers in_proj/out_proj/q_proj/...: nothing downstream may assume Llama module names.
 """
 
 from __future__ import annotations
@@ -32,16 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.toy_world import (
-    RELATIONS,
-    ToyDocument,
-    ToyWorldConfig,
-    entity_names,
-    fact_sentence,
-    generate,
-    make_document,
-    question_for,
-)
+from model.toy_tokenizer import ASSISTANT, build_toy_tokenizer
+from model.toy_world import ToyDocument, ToyWorldConfig, generate, make_document
 
 REPORT_FILE = "doc2lora.json"
 REPORT_KIND = "doc2lora-toy-model"
@@ -69,15 +76,15 @@ class ToyTrainConfig:
     intermediate_size: int = 256
     layer_types: tuple[str, ...] = ("conv", "full_attention")
     num_attention_heads: int = 4
-    conv_kernel: int = 6  # lags 0..5: "color of zorb" sits at the same lags before "?</s><|assistant|>" and "is teal ."
+    conv_kernel: int = 6  # see the module docstring: 6 aligns "color of zorb" before the answer and the fact
     max_position_embeddings: int = 4096
     rope_theta: float = 1e9  # nearly position-free attention (the convs carry the local order)
     # weight init: "torch" = PyTorch's default per-module init (uniform +-1/sqrt(fan_in)); "hf" = the
     # architecture's own init (normal, std 0.02: too small here, attention and the conv gates start flat)
     init: str = "torch"
     embed_init_std: float = 0.1  # with init="torch" (tied with the output head: initial logits ~N(0, 1))
-    tie_qk_init: bool = True
     conv_init: str = "shift"  # "shift": see _shift_init_convs; "default": the init chosen by `init`
+    tie_qk_init: bool = True  # attention keys start equal to queries (similarity matching)
     # optimisation
     steps: int = 1500
     batch_size: int = 32
@@ -90,11 +97,9 @@ class ToyTrainConfig:
     # (the batches are fresh documents, so this is an unbiased held-out estimate); None: never
     early_stop_accuracy: float | None = 0.995
     early_stop_window: int = 50
-    # data: fresh documents every batch. A "shared-relation" document gives every entity the same
-    # relations, so the relation alone does not identify the fact: it removes the shortcut that makes
-    # plain training stall at ~50% (answer any value of the asked relation) -- see the module docstring
-    shared_relation_fraction: float = 0.0
-    turns: int = 1  # questions (user/assistant turns) per training conversation; the first carries the document
+    # data: fresh documents every batch (`world`); with turns > 1 a training conversation goes on with
+    # more questions about the same document (the first turn always carries it, as at inference)
+    turns: int = 1
     seed: int = 0
     eval_seed: int = 1_000_003  # held-out documents for the report (a different document seed)
     eval_docs: int = 200
@@ -175,13 +180,14 @@ def make_model(cfg: ToyTrainConfig, tokenizer):
         raise ValueError(f"unknown init {cfg.init!r}")
     if cfg.conv_init == "shift":
         _shift_init_convs(model, cfg)
+    elif cfg.conv_init != "default":
+        raise ValueError(f"unknown conv_init {cfg.conv_init!r}")
     if cfg.tie_qk_init:
         with torch.no_grad():
             for module in model.modules():
-                if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-                    module.k_proj.weight.copy_(module.q_proj.weight)
-    elif cfg.conv_init != "default":
-        raise ValueError(f"unknown conv_init {cfg.conv_init!r}")
+                q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+                if q is not None and k is not None and q.weight.shape == k.weight.shape:
+                    k.weight.copy_(q.weight)
     return model
 
 
@@ -229,9 +235,6 @@ def _messages(document: str | None, question: str, answer: str | None = None) ->
     return msgs
 
 
-ASSISTANT_TOKEN = "<|assistant|>"
-
-
 def _prompt_ids(tokenizer, document: str | None, question: str) -> list[int]:
     text = tokenizer.apply_chat_template(_messages(document, question), tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -253,19 +256,6 @@ def _check_template_split(tokenizer) -> None:
         raise AssertionError(f"chat template does not split into prompt + answer: {full_ids} vs {split_ids}")
 
 
-def shared_relation_document(rng: random.Random, world: ToyWorldConfig) -> ToyDocument:
-    """A toy document whose entities all share the same relations (values still drawn independently)."""
-    names = entity_names(world.pool, world.name_seed)
-    relations = rng.sample(sorted(RELATIONS), world.relations_per_entity)
-    facts = [(e, r, rng.choice(RELATIONS[r])) for e in rng.sample(names, world.entities_per_doc) for r in relations]
-    rng.shuffle(facts)
-    return ToyDocument(
-        text=" ".join(fact_sentence(*f) for f in facts),
-        facts=facts,
-        qa=[{"question": question_for(e, r), "answer": v} for e, r, v in facts],
-    )
-
-
 class _Batcher:
     """Fresh documents every batch, right padding, loss on the assistant turns only.
 
@@ -276,22 +266,16 @@ class _Batcher:
     `batch()` returns (ids, attention mask, labels, first-turn label mask).
     """
 
-    def __init__(
-        self, tokenizer, world: ToyWorldConfig, seed: int, shared_relation_fraction: float = 0.0, turns: int = 1
-    ):
+    def __init__(self, tokenizer, world: ToyWorldConfig, seed: int, turns: int = 1):
         self.tok = tokenizer
         self.world = world
-        self.shared = shared_relation_fraction
         self.turns = max(1, turns)
         self.rng = random.Random(seed)
-        self.assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT_TOKEN)
+        self.assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT)
         self.eos_id = tokenizer.eos_token_id
 
     def conversation(self) -> list[dict[str, str]]:
-        if self.shared and self.rng.random() < self.shared:
-            doc = shared_relation_document(self.rng, self.world)
-        else:
-            doc = make_document(self.rng, self.world)
+        doc = make_document(self.rng, self.world)
         qas = self.rng.sample(doc.qa, min(self.turns, len(doc.qa)))
         msgs = _messages(doc.text, qas[0]["question"], qas[0]["answer"])
         for qa in qas[1:]:
@@ -421,9 +405,7 @@ def train_toy_model(cfg: ToyTrainConfig, tokenizer, model=None) -> tuple[Any, di
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    batcher = _Batcher(
-        tokenizer, cfg.world, seed=cfg.seed, shared_relation_fraction=cfg.shared_relation_fraction, turns=cfg.turns
-    )
+    batcher = _Batcher(tokenizer, cfg.world, seed=cfg.seed, turns=cfg.turns)
     losses: list[float] = []
     accs: list[float] = []
     curve: list[dict[str, float]] = []
@@ -497,8 +479,6 @@ def build_toy_model(out_dir: Path | str, cfg: ToyTrainConfig | None = None, over
     import torch
     import transformers
 
-    from model.toy_tokenizer import build_toy_tokenizer
-
     cfg = cfg or ToyTrainConfig()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -543,18 +523,28 @@ def build_toy_model(out_dir: Path | str, cfg: ToyTrainConfig | None = None, over
             "threads": torch.get_num_threads(),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out_dir.exists():  # overwrite: move the old folder aside first, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _publish(tmp, out_dir, overwrite)
         return report
     finally:
         torch.set_num_threads(old_threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` folder to `out_dir` (atomic on one file system)."""
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} appeared while the toy model was being built")
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)  # move the old folder aside, then swap
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.replace(tmp, out_dir)
+    except OSError as exc:  # another process published first (a non-empty directory is not replaced)
+        raise FileExistsError(f"{out_dir} appeared while the toy model was being built") from exc
 
 
 def is_complete(model_dir: Path | str, cfg: ToyTrainConfig | None = None) -> bool:
@@ -569,11 +559,21 @@ def is_complete(model_dir: Path | str, cfg: ToyTrainConfig | None = None) -> boo
 
 
 def build_toy_model_folder(path: Path) -> None:
-    """`BUILTIN_MODELS["toy"]` hook: make `path` hold the default toy model (no-op when it already does)."""
+    """`BUILTIN_MODELS["toy"]` hook: make `path` hold the default toy model (no-op when it already does).
+
+    A folder built with another configuration (older defaults) or left incomplete is rebuilt. Each run
+    builds under its own temporary name, so concurrent runs never see a half-written folder; when one
+    publishes first, the others drop their copy.
+    """
+    path = Path(path)
     cfg = ToyTrainConfig()
     if is_complete(path, cfg):
         return
-    build_toy_model(Path(path), cfg, overwrite=Path(path).exists())
+    try:
+        build_toy_model(path, cfg, overwrite=path.exists())
+    except FileExistsError:
+        if not is_complete(path, cfg):
+            raise
 
 
 def register(registry: dict) -> None:

@@ -45,7 +45,7 @@ CHAT_TEMPLATE = (
 
 def build_toy_tokenizer(out_dir: Path | str | None, cfg: ToyWorldConfig | None = None):
     """Build the toy tokenizer; save it to `out_dir` (when given) with `save_pretrained`; return it."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     cfg = cfg or ToyWorldConfig()
@@ -58,12 +58,11 @@ def build_toy_tokenizer(out_dir: Path | str | None, cfg: ToyWorldConfig | None =
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.WhitespaceSplit(),
-            # "zorb." -> "zorb" "." ; but keep "<|user|>"-like markers whole (they are added tokens anyway)
+            # "zorb." -> "zorb" "." (special tokens such as "<|user|>" are matched before this step)
             pre_tokenizers.Split(Regex(r"[^\w\s]"), behavior="isolated"),
         ]
     )
-    # Word-level decoding joins the tokens with single spaces (the default when no decoder is set); an
-    # explicit no-op-ish decoder would drop the spaces, so none is set beyond the library default.
+    # decoding joins the words with single spaces (WordPiece's decoder; no word carries its "##" prefix)
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
 
     fast = PreTrainedTokenizerFast(
@@ -77,8 +76,6 @@ def build_toy_tokenizer(out_dir: Path | str | None, cfg: ToyWorldConfig | None =
         padding_side="left",  # batched greedy generation of a decoder-only model
         clean_up_tokenization_spaces=False,
     )
-    from tokenizers import AddedToken
-
     fast.add_tokens([AddedToken(BLANK_LINE, normalized=False, special=False)])
     fast.chat_template = CHAT_TEMPLATE
     if len(fast) != len(vocab):
