@@ -81,6 +81,15 @@ def smollm2_dir(tmp_path_factory, request) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """The built-in toy base model (LFM2, word-level tokenizer), built once per session (~20 s on 2 cores)
+    or reused from $D2L_MODEL_CACHE."""
+    from model.base_models import resolve_base_model
+
+    env = os.environ.get("D2L_MODEL_CACHE")
+    cache = Path(env) if env else tmp_path_factory.mktemp("toy-models")
+    return resolve_base_model("toy", cache)
 
 
 # ------------------------------------------------------------------------------------------------------
