@@ -25,6 +25,10 @@ class BackendConfig(BaseModel):
     concurrency: int = Field(8, ge=1, description="openai: requests in flight at once.")
     max_retries: int = Field(4, ge=0, description="openai: retries per request (backoff with jitter).")
     timeout: float = Field(120.0, gt=0, description="openai: seconds per request before it fails (and is retried).")
+    health_check: bool = Field(True, description="openai: with several base_urls, probe /models at the start of "
+                               "each call and leave out the unhealthy servers.")
+    unhealthy_after: int = Field(3, ge=1, description="openai: failures in a row (connection, timeout, 5xx) that "
+                                 "take a server out of the rotation for the rest of a call.")
     batch_size: int = Field(16, ge=1, description="transformers: prompts per batch.")
     dtype: str | None = Field(None, description="transformers/vllm: torch dtype (default: float32 on CPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model.")
@@ -57,7 +61,8 @@ def _options(cfg: BackendConfig, model_dir: str) -> dict[str, Any]:
             raise ValueError("backend 'openai' needs base_urls, e.g. "
                              "--set teacher.generator.base_urls=[http://127.0.0.1:8000/v1]")
         return {"base_url": cfg.base_urls, "api_key": cfg.api_key, "max_concurrency": cfg.concurrency,
-                "max_retries": cfg.max_retries, "timeout": cfg.timeout, "tokenizer": model_dir}
+                "max_retries": cfg.max_retries, "timeout": cfg.timeout, "health_check": cfg.health_check,
+                "unhealthy_after": cfg.unhealthy_after, "tokenizer": model_dir}
     if cfg.backend == "vllm":
         return {"tensor_parallel_size": cfg.tensor_parallel_size, **({"dtype": cfg.dtype} if cfg.dtype else {})}
     return {"batch_size": cfg.batch_size, **({"dtype": cfg.dtype} if cfg.dtype else {})}

@@ -241,14 +241,19 @@ def _completion(prompt: list[int], max_tokens: int, k: int, as_ids: bool = True,
 class FaultServer:
     """Per prompt (keyed by its first token), a script of actions for consecutive attempts:
     'ok', '429', '500', '400', 'drop' (close the socket without replying), 'sleep:S' (then ok),
-    'strings' (ok, tokens as strings), 'short' (ok, too few top-logprobs). After the script: 'ok'."""
+    'strings' (ok, tokens as strings), 'short' (ok, too few top-logprobs). After the script: 'ok'.
+    ``GET /v1/models`` lists ``models`` (503 when ``models_down``); each GET is recorded in ``gets``."""
 
-    def __init__(self, scripts: dict[int, list[str]] | None = None, default: str = "ok", latency: float = 0.0):
+    def __init__(self, scripts: dict[int, list[str]] | None = None, default: str = "ok", latency: float = 0.0,
+                 models: tuple[str, ...] = ("m",), models_down: bool = False):
         self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
         self.default = default
         self.latency = latency
+        self.models = tuple(models)
+        self.models_down = models_down
         self.lock = threading.Lock()
         self.requests: list[dict] = []
+        self.gets: list[dict] = []  # {"path", "auth"} per GET
         self.inflight = 0
         self.max_inflight = 0
         server = self
@@ -272,6 +277,23 @@ class FaultServer:
                 finally:
                     with server.lock:
                         server.inflight -= 1
+
+            def do_GET(self):
+                with server.lock:
+                    server.gets.append({"path": self.path, "auth": self.headers.get("Authorization")})
+                if self.path.rstrip("/") != "/v1/models":
+                    status, reply = 404, {"error": {"message": "not found"}}
+                elif server.models_down:
+                    status, reply = 503, {"error": {"message": "injected 503"}}
+                else:
+                    status = 200
+                    reply = {"object": "list", "data": [{"id": n, "object": "model"} for n in server.models]}
+                payload = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -429,6 +451,77 @@ def test_openai_round_robin_and_failover(server):
     gen = make_generator("openai", "m", base_url=[_free_port_url(), server.url], **FAST)
     outs = gen.generate([[i + 1] for i in range(6)], SamplingConfig(max_new_tokens=1))
     assert all(o.ok for o in outs)
+
+
+def test_openai_health_check_leaves_out_dead_and_wrong_model_urls(server):
+    """Three URLs: nothing listening, a server of another model, a good one. The probe keeps only the good
+    one: every POST goes there, none to the wrong model."""
+    dead = _free_port_url()
+    wrong = FaultServer(models=("other",))
+    try:
+        gen = make_generator("openai", "m", base_url=[dead, wrong.url, server.url], api_key="k", **FAST)
+        outs = gen.generate([[i + 1] for i in range(6)], SamplingConfig(max_new_tokens=1))
+        assert all(o.ok for o in outs) and all(o.meta["attempts"] == 1 for o in outs)
+        assert len(wrong.requests) == 0 and len(server.requests) == 6
+        st = gen.last_stats
+        assert st["urls"] == 3 and st["healthy_urls"] == [server.url]
+        assert set(st["dropped_urls"]) == {dead, wrong.url}
+        assert "connection error" in st["dropped_urls"][dead]
+        assert "'m' not served" in st["dropped_urls"][wrong.url]
+        assert {"path": "/v1/models", "auth": "Bearer k"} in server.gets and wrong.gets
+        # health_check=False: no probe, the wrong-model server is in the rotation again
+        gen = make_generator("openai", "m", base_url=[wrong.url, server.url], health_check=False, **FAST)
+        outs = gen.generate([[i + 1] for i in range(4)], SamplingConfig(max_new_tokens=1))
+        assert all(o.ok for o in outs) and len(wrong.requests) == 2 and gen.last_stats["dropped_urls"] == {}
+    finally:
+        wrong.close()
+
+
+def test_openai_failing_url_is_dropped_during_the_call(server):
+    """Both servers pass the probe, one answers every completion with 500: after `unhealthy_after` failures
+    in a row it leaves the rotation and its items' retries go to the other. With max_concurrency=1 it gets
+    exactly `unhealthy_after` POSTs (with c requests in flight the bound is unhealthy_after + c - 1)."""
+    bad = FaultServer(default="500")
+    try:
+        gen = make_generator("openai", "m", base_url=[bad.url, server.url], max_concurrency=1,
+                             unhealthy_after=3, **FAST)
+        outs = gen.generate([[i + 1] for i in range(10)], SamplingConfig(max_new_tokens=1))
+        assert all(o.ok for o in outs)
+        assert len(bad.requests) == 3 and len(server.requests) == 10
+        st = gen.last_stats
+        assert st["healthy_urls"] == [server.url] and "3 failures in a row" in st["dropped_urls"][bad.url]
+        assert "HTTP 500" in st["dropped_urls"][bad.url] and st["retries"] == 3
+    finally:
+        bad.close()
+    # a 429 means busy, not down: the URL stays in the rotation
+    busy = FaultServer(default="429")
+    try:
+        gen = make_generator("openai", "m", base_url=[busy.url, server.url], max_concurrency=1,
+                             unhealthy_after=2, max_retries=10, retry_budget=50, **FAST)
+        outs = gen.generate([[i + 1] for i in range(6)], SamplingConfig(max_new_tokens=1))
+        assert all(o.ok for o in outs) and gen.last_stats["dropped_urls"] == {}
+        assert len(busy.requests) > 2  # dropped, it would have had exactly 2
+    finally:
+        busy.close()
+
+
+def test_openai_no_healthy_url_keeps_all_and_fails_per_item(caplog):
+    """Nothing passes the probe (no listener; /models 503 and every completion 500): all URLs are kept,
+    a warning is logged, the items fail with recorded errors and nothing raises."""
+    sick = FaultServer(default="500", models_down=True)
+    dead = _free_port_url()
+    try:
+        gen = make_generator("openai", "m", base_url=[dead, sick.url], max_retries=2, **FAST)
+        with caplog.at_level("WARNING", logger="model.generation.fleet"):
+            outs = gen.generate([[i + 1] for i in range(4)], SamplingConfig(max_new_tokens=1))
+        assert all(not o.ok and o.error and o.meta["errors"] for o in outs)
+        assert any("no healthy base URL" in r.getMessage() for r in caplog.records)
+        assert len(sick.requests) > 0  # kept in the rotation despite the failed probe
+        st = gen.last_stats
+        assert st["failed"] == 4 and len(st["healthy_urls"]) == 1  # passive removal never drops the last one
+        assert all("health check" not in why for why in st["dropped_urls"].values())
+    finally:
+        sick.close()
 
 
 def test_openai_concurrency_cap():

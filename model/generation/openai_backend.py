@@ -3,7 +3,13 @@
 One ``/v1/completions`` request per prompt, with the prompt as token ids, through ``openai.AsyncOpenAI``:
 
 - a concurrency cap (an ``asyncio.Semaphore`` of ``max_concurrency`` requests in flight);
-- several base URLs (a list) used round-robin; a retry goes to the next URL;
+- several base URLs (a list, e.g. a fleet of vLLM servers) used round-robin; a retry goes to the next URL;
+- health checks with several URLs (:mod:`model.generation.fleet`): at the start of each call every URL is
+  asked ``GET {url}/models`` at once (``health_timeout``); one that does not answer 200 or does not serve
+  ``model`` is left out of the rotation for that call (all are kept when none is healthy). During the call,
+  a URL that fails ``unhealthy_after`` times in a row (connection errors, timeouts, 5xx; not 429, which
+  means busy) is left out too, unless it is the last one; its retries go to the others. ``last_stats``
+  reports ``urls``, ``healthy_urls`` and ``dropped_urls`` (URL -> reason);
 - the client's own retries are OFF (``max_retries=0``): this module retries 429, 408/409/425, 5xx,
   timeouts, connection errors and unreadable replies, with exponential backoff and jitter (a 429's
   ``Retry-After`` is honoured, capped at ``backoff_max``), at most ``max_retries`` times a request;
@@ -26,16 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .base import Generation, SamplingConfig, check_prompts
+from .fleet import Fleet
 
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 TOKEN_ID_PREFIX = "token_id:"
@@ -59,7 +65,6 @@ class _CallState:
     retries_used: int = 0
     open_circuit: bool = False  # the server looks dead: stop sending
     last_error: str = ""
-    rr: Any = field(default_factory=itertools.count)
 
     def take_retry(self) -> bool:
         if self.budget <= 0:
@@ -104,6 +109,17 @@ def classify_error(exc: BaseException) -> tuple[bool, float | None, str]:
     if isinstance(exc, (asyncio.TimeoutError, ConnectionError, OSError)):
         return True, None, f"{type(exc).__name__}: {exc}"
     return False, None, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def server_down(exc: BaseException) -> bool:
+    """A failure that suggests the server is down (counts towards dropping its URL): connection errors,
+    timeouts, 5xx. A 429 means busy, not down."""
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        return int(exc.status_code) >= 500
+    return isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, asyncio.TimeoutError,
+                            ConnectionError, OSError))
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None, rng=random) -> float:
@@ -192,8 +208,11 @@ class OpenAIGenerator:
     (16), ``timeout`` (per request, seconds; 120), ``max_retries`` (per request; 5), ``retry_budget``
     (retries for a whole call; default ``10 + n // 5``), ``backoff_base`` (0.5 s), ``backoff_max`` (20 s),
     ``breaker_threshold`` (failures in a row, budget spent, before the rest fail unsent; default
-    ``2 * max_concurrency``), ``vllm_extensions`` (True: ask for token ids in the reply),
-    ``extra_body`` (more request fields), ``name`` (the model name in :attr:`identity`).
+    ``2 * max_concurrency``), ``health_check`` (True: with several URLs, probe ``/models`` at the start of
+    each call and leave out the unhealthy ones), ``health_timeout`` (seconds per probe; 5),
+    ``unhealthy_after`` (failures in a row that take a URL out of the rotation for the call; 3),
+    ``vllm_extensions`` (True: ask for token ids in the reply), ``extra_body`` (more request fields),
+    ``name`` (the model name in :attr:`identity`).
     """
 
     backend = "openai"
@@ -212,6 +231,9 @@ class OpenAIGenerator:
         backoff_base: float = 0.5,
         backoff_max: float = 20.0,
         breaker_threshold: int | None = None,
+        health_check: bool = True,
+        health_timeout: float = 5.0,
+        unhealthy_after: int = 3,
         vllm_extensions: bool = True,
         extra_body: dict[str, Any] | None = None,
         name: str | None = None,
@@ -225,8 +247,9 @@ class OpenAIGenerator:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
             raise ValueError("base_url: give at least one URL")
-        if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError("max_concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
+        if max_concurrency < 1 or max_retries < 0 or timeout <= 0 or health_timeout <= 0 or unhealthy_after < 1:
+            raise ValueError("max_concurrency >= 1, max_retries >= 0, timeout > 0, health_timeout > 0 and "
+                             "unhealthy_after >= 1 are required")
         self.model = str(model)
         self.base_urls = [u.rstrip("/") for u in urls]
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
@@ -242,6 +265,9 @@ class OpenAIGenerator:
         self.backoff_base = float(backoff_base)
         self.backoff_max = float(backoff_max)
         self.breaker_threshold = breaker_threshold
+        self.health_check = bool(health_check)
+        self.health_timeout = float(health_timeout)
+        self.unhealthy_after = int(unhealthy_after)
         self.vllm_extensions = bool(vllm_extensions)
         self.extra_body = dict(extra_body or {})
         self.identity = f"openai:{name or self.model}"
@@ -272,21 +298,24 @@ class OpenAIGenerator:
             budget=int(budget),
             breaker_threshold=self.breaker_threshold or max(8, 2 * self.max_concurrency),
         )
-        clients = [
-            openai.AsyncOpenAI(base_url=u, api_key=self.api_key, timeout=self.timeout, max_retries=0)
+        t0 = time.perf_counter()
+        fleet = Fleet(self.base_urls, self.unhealthy_after)
+        if self.health_check and len(self.base_urls) > 1:
+            await fleet.probe(self.model, self.api_key, self.health_timeout)
+        clients = {
+            u: openai.AsyncOpenAI(base_url=u, api_key=self.api_key, timeout=self.timeout, max_retries=0)
             for u in self.base_urls
-        ]
+        }
         sem = asyncio.Semaphore(self.max_concurrency)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
-        t0 = time.perf_counter()
         try:
 
             async def run(i: int, prompt: list[int]) -> Generation:
-                g = await self._one(i, prompt, cfg, clients, sem, state)
+                g = await self._one(i, prompt, cfg, fleet, clients, sem, state)
                 if bar is not None:
                     bar.update(1)
                 return g
@@ -295,7 +324,7 @@ class OpenAIGenerator:
         finally:
             if bar is not None:
                 bar.close()
-            for c in clients:
+            for c in clients.values():
                 try:
                     await c.close()
                 except Exception:  # noqa: BLE001 - closing is best effort
@@ -306,6 +335,9 @@ class OpenAIGenerator:
             "retries": state.retries_used,
             "retry_budget": int(budget),
             "circuit_open": state.open_circuit,
+            "urls": len(self.base_urls),
+            "healthy_urls": list(fleet.healthy),
+            "dropped_urls": dict(fleet.dropped),
             "seconds": time.perf_counter() - t0,
         }
         return list(results)
@@ -330,7 +362,7 @@ class OpenAIGenerator:
             kwargs["seed"] = cfg.seed + i  # per item: the result does not depend on the batching
         return kwargs
 
-    async def _one(self, i, prompt, cfg, clients, sem, state: _CallState) -> Generation:
+    async def _one(self, i, prompt, cfg, fleet: Fleet, clients, sem, state: _CallState) -> Generation:
         attempt = 0
         kwargs = self._request_kwargs(i, prompt, cfg)
         errors: list[str] = []
@@ -342,17 +374,19 @@ class OpenAIGenerator:
                     attempts=attempt,
                     errors=errors,
                 )
-            client = clients[next(state.rr) % len(clients)]
             try:
                 async with sem:
                     if state.open_circuit:
                         continue
+                    url = fleet.next()  # picked once a slot is free: a URL dropped meanwhile is skipped
+                    client = clients[url]
                     attempt += 1
                     resp = await client.completions.create(**kwargs)
                 data = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
                 g = parse_completion(data, cfg.topk_logprobs, self.tokenizer)
                 g.meta.update(attempts=attempt, base_url=str(client.base_url))
                 state.record(ok=True)
+                fleet.succeeded(url)
                 return g
             except asyncio.CancelledError:
                 raise
@@ -361,6 +395,8 @@ class OpenAIGenerator:
                 errors.append(desc)
                 if retryable:  # the server's fault (or the network's): counts towards the breaker
                     state.record(ok=False, error=desc)
+                if server_down(exc):
+                    fleet.failed(url, desc)
                 if not retryable or attempt > self.max_retries or not state.take_retry():
                     why = "" if not retryable else (
                         " (retries exhausted)" if attempt > self.max_retries else " (retry budget spent)"
