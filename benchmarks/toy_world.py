@@ -59,7 +59,10 @@ class Profile:
     latent_count: int = 8
     depth: int = 2
     heads: int = 4
+    feature_positions: str = "none"  # HyperConfig.feature_positions
+    scale_b_init: float = 0.0  # HyperConfig.scale_b_init
     multi_chunk: bool = True
+    l1_weight: float = 0.1  # L1 on the generated A and B (HyperConfig's default: 0.1)
     eval_docs: int = 128
     cd_docs: int = 32
     cd_steps: int = 300
@@ -176,10 +179,13 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
     from model.train_loop import train
 
     hcfg = HyperConfig(target_modules=list(prof.targets), rank=prof.rank, latent_dim=prof.latent_dim,
-                       latent_count=prof.latent_count, depth=prof.depth, heads=prof.heads, mlp_ratio=2)
+                       latent_count=prof.latent_count, depth=prof.depth, heads=prof.heads, mlp_ratio=2,
+                       feature_positions=prof.feature_positions,
+                       scale_b_init=prof.scale_b_init)
     tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr / 20, warmup_steps=prof.warmup, total_steps=prof.steps,
                        batch_size=prof.batch_size, multi_chunk=prof.multi_chunk, eval_every=prof.eval_every,
-                       eval_at_start=False, eval_batches=4, checkpoint_every=0, log_every=10, seed=0)
+                       eval_at_start=False, eval_batches=4, checkpoint_every=0, log_every=10, seed=0,
+                       l1_weight=prof.l1_weight)
     t0 = time.perf_counter()
     res = train(model, tok, hcfg, tcfg, train_rows, eval_rows, out_dir, resume=False, progress=progress,
                 on_metrics=lambda r: log(f"  step {r['step']}: eval KL {r['eval_kl']:.4f}, top-1 agreement "
@@ -263,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="document seed")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     for f in dataclasses.fields(Profile):  # every scalar size can be overridden: --steps 3000 --cd-docs 16 ...
-        if f.type in ("int", "float", "bool", "int | None"):
-            kind = {"float": float, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}.get(f.type, int)
+        if f.type in ("int", "float", "bool", "int | None", "str"):
+            kind = {"float": float, "str": str,
+                    "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}.get(f.type, int)
             ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             help=f"(full: {getattr(FULL, f.name)}, smoke: {getattr(SMOKE, f.name)})")
     ap.add_argument("--targets", nargs="+", default=None, help=f"LoRA target modules (default {FULL.targets})")

@@ -200,6 +200,35 @@ def sql(
     print_rows(columns, rows, fmt.value)
 
 
+bench_app = typer.Typer(help="Benchmarks of the method (CPU, one process; outputs under store/bench/).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("toy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_toy(ctx: typer.Context,
+              smoke: bool = typer.Option(False, "--smoke", help="Tiny sizes: the whole path in about a minute."),
+              threads: int = typer.Option(2, help="torch CPU threads.")) -> None:
+    """The toy-world benchmark: teacher vs no document vs D2L vs per-document CD, long documents, needle.
+
+    Builds (or reuses) the toy base model, generates toy documents, trains the hypernetwork with a stated
+    budget, evaluates on held-out documents and prints one table (~15 min on 2 cores; --smoke ~1 min).
+    Every size is a flag passed through to benchmarks/toy_world.py: d2l bench toy --steps 3000 --cd-docs 16
+    (run `python benchmarks/toy_world.py --help` for the list).
+    """
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    try:
+        from benchmarks.toy_world import main as toy_main
+    except ImportError as exc:
+        typer.secho(f"benchmarks/ is not importable from {repo} ({exc}); run from a clone of the repository",
+                    fg="red", err=True)
+        raise typer.Exit(2) from None
+    argv = (["--smoke"] if smoke else []) + ["--threads", str(threads)] + list(ctx.args)
+    raise typer.Exit(toy_main(argv))
+
+
 @app.command("models")
 def models(prepare: Optional[str] = typer.Option(None, help="Build or convert this built-in model now."),
            store: str = typer.Option("store", help="Store folder that caches model folders.")) -> None:

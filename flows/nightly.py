@@ -32,6 +32,7 @@ from flows.chunk import chunk_flow
 from flows.config import PipelineConfig, load_config, parse_override
 from flows.index import index_flow
 from flows.ingest import ingest_flow
+from flows.runners import shared_runner
 from flows.runs import stage_run
 from flows.synthesize import synthesize_flow
 from flows.teacher import teacher_flow
@@ -181,19 +182,20 @@ def _refresh(cfg: PipelineConfig) -> dict[str, Any]:
                 st.catalog.mark_documents(before_id)
         before = st.catalog.scan(before_id)
         stats["store"] = str(st.root)
-        stats["ingest"] = ingest_flow(cfg)
-        scan_id = stats["ingest"]["scan_id"]
-        stats["scan_id"] = scan_id
-        stats["baseline"] = {"scan_id": before_id, "kind": baseline if before_id else None}
-        stats["first_refresh"] = baseline == "ingest"
-        diff = diff_scans(before, st.catalog.scan(scan_id))
-        stats["files"] = {k: len(v) for k, v in diff.items()}  # counts; the names (capped) below
-        stats["file_changes"] = {k: diff[k][:MAX_LISTED] for k in ("new", "changed", "removed")}
-        stats["chunk"] = chunk_flow(cfg)
-        if "synthesize" in cfg.stages:
-            stats["synthesize"] = synthesize_flow(cfg)
-        if "teacher" in cfg.stages:
-            stats["teacher"] = teacher_flow(cfg)
+        with shared_runner(cfg.runner):  # the data stages share one runner (one Dask cluster / Ray runtime)
+            stats["ingest"] = ingest_flow(cfg)
+            scan_id = stats["ingest"]["scan_id"]
+            stats["scan_id"] = scan_id
+            stats["baseline"] = {"scan_id": before_id, "kind": baseline if before_id else None}
+            stats["first_refresh"] = baseline == "ingest"
+            diff = diff_scans(before, st.catalog.scan(scan_id))
+            stats["files"] = {k: len(v) for k, v in diff.items()}  # counts; the names (capped) below
+            stats["file_changes"] = {k: diff[k][:MAX_LISTED] for k in ("new", "changed", "removed")}
+            stats["chunk"] = chunk_flow(cfg)
+            if "synthesize" in cfg.stages:
+                stats["synthesize"] = synthesize_flow(cfg)
+            if "teacher" in cfg.stages:
+                stats["teacher"] = teacher_flow(cfg)
         stats["documents"] = st.catalog.mark_documents(scan_id)
         stats["index"] = index_flow(cfg)
         stats["work"] = _model_work(stats)

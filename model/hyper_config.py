@@ -40,10 +40,18 @@ class HyperConfig:
     latent_dim: int = 512
     depth: int = 2  # cross-attention blocks of the encoder
     heads: int = 4
+    # "sinusoidal": add encodings of each token's position in its chunk to the (RMS-normalised) features
+    # before the input projection, so that latents can tell one passage's tokens from another's by place
+    # as well as by content. "none": content only (the reference).
+    feature_positions: str = "none"
     mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units
     head_mlp_layers: int = 1  # per-layer residual MLP blocks before the heads
     head_mlp_ratio: int = 1
     head_init_gain: float = 0.5  # head weights ~ N(0, gain / sqrt(latent_dim + (in + out) * r))
+    # initial value of the learned per-rank scalars on the generated B. 0 (the reference): the update is
+    # exactly zero at initialisation -- but then the heads get no gradient until the scalars move, and on
+    # a small base model they may never do (a zero saddle). > 0 starts with a small random update.
+    scale_b_init: float = 0.0
     # -- training / use
     l1_weight: float = 0.1  # L1 penalty on the generated A and B
     merge: str = "concat"  # chunk LoRAs: "concat" (sum of updates, reference) or "mean" (each scaled 1/n)
@@ -61,6 +69,8 @@ class HyperConfig:
             self.target_modules = [self.target_modules]
         if self.merge == "scaled":
             self.merge = "mean"
+        if self.feature_positions not in ("none", "sinusoidal"):
+            raise ValueError(f"feature_positions must be 'none' or 'sinusoidal', got {self.feature_positions!r}")
         if self.merge not in ("concat", "mean"):
             raise ValueError(f"merge must be 'concat' or 'mean', got {self.merge!r}")
         if self.latent_dim % self.heads:
@@ -174,7 +184,9 @@ def resolve_targets(
                 raise ValueError(f"{rel}: shape differs across layers; name the layers to adapt explicitly")
             spec["layers"].append(i)
     if not kinds:
-        raise ValueError(f"no nn.Linear module matches {patterns} in layers {indices} of {layers_path}")
+        names = sorted({rel for i in indices for rel, mod in blocks[i].named_modules() if isinstance(mod, nn.Linear)})
+        raise ValueError(f"no nn.Linear module matches {patterns} in layers {indices} of {layers_path}; this "
+                         f"model's Linear modules are {names} (LFM2's MLP down projection is feed_forward.w2)")
     # a layer with no target still feeds nothing: keep only layers that carry at least one target
     used = sorted({i for s in kinds.values() for i in s["layers"]})
     cfg = base_model.config.get_text_config() if hasattr(base_model.config, "get_text_config") else base_model.config

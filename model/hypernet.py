@@ -9,7 +9,7 @@ Shapes: features ``[B, L, T, H]`` (L = the config's ``layer_indices``), mask ``[
 3. Decoder: one learned query per (layer, kind, rank) cross-attends to its layer's latents.
 4. A small per-layer residual MLP, L2 normalisation of each rank embedding, then a per-(layer, kind)
    linear head emitting one row of A (in) and one column of B (out) per rank.
-5. Learned per-layer, per-rank scalars multiply A (init 1) and B (init 0): the generated update is
+5. Learned per-layer, per-rank scalars multiply A (init 1) and B (init 0, `scale_b_init`): the generated update is
    exactly zero at initialisation. A learned context-free bias LoRA of rank r (its B zero at init) is
    returned separately by ``bias_adapter`` and added once per document (``merge_chunks``).
 """
@@ -24,6 +24,17 @@ from torch import Tensor, nn
 
 from model.batched_lora import Adapter, LoRA
 from model.hyper_config import HyperConfig
+
+
+def sinusoidal_positions(mask: Tensor, d: int) -> Tensor:
+    """[B, T] mask -> [B, T, d]: sin/cos encodings (RMS ~0.7) of each token's index among the real tokens,
+    so padding on either side shifts nothing."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0).float()
+    freq = torch.exp(torch.arange(0, d, 2, device=mask.device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    ang = pos[..., None] * freq
+    out = torch.zeros(*pos.shape, d, device=mask.device)
+    out[..., 0::2], out[..., 1::2] = torch.sin(ang), torch.cos(ang[..., : d // 2])
+    return out
 
 
 class SwiGLU(nn.Module):
@@ -108,7 +119,7 @@ class HyperNetwork(nn.Module):
             std = cfg.head_init_gain / math.sqrt(d + d_io * r)
             self.heads[key] = nn.Parameter(torch.randn(n_k, d, d_io) * std)
             self.scale_A[key] = nn.Parameter(torch.ones(n_k, r))
-            self.scale_B[key] = nn.Parameter(torch.zeros(n_k, r))
+            self.scale_B[key] = nn.Parameter(torch.full((n_k, r), float(cfg.scale_b_init)))
             self.bias_A[key] = nn.Parameter(torch.randn(n_k, r, spec["in"]) * (0.2 / math.sqrt(spec["in"] * r)))
             self.bias_B[key] = nn.Parameter(torch.zeros(n_k, spec["out"], r))
             self.register_buffer(f"pos_{key}", torch.tensor([pos[i] for i in spec["layers"]]), persistent=False)
@@ -131,7 +142,11 @@ class HyperNetwork(nn.Module):
         if n_layers != self.n_layers:
             raise ValueError(f"features have {n_layers} layers, the hypernetwork reads {self.n_layers}")
         dtype = self.layer_emb.dtype
-        x = self.in_proj(self.in_norm(features.to(dtype))) + self.layer_emb[None, :, None]
+        feats = self.in_norm(features.to(dtype))
+        if cfg.feature_positions == "sinusoidal":
+            keep = mask if mask is not None else features.new_ones(b, t)
+            feats = feats + sinusoidal_positions(keep, feats.shape[-1]).to(dtype)[:, None]
+        x = self.in_proj(feats) + self.layer_emb[None, :, None]
         x = x.reshape(b * n_layers, t, -1)
         m = None if mask is None else mask.bool().repeat_interleave(n_layers, dim=0)
         lat = (self.latents[None] + self.layer_emb[:, None]).repeat(b, 1, 1)  # [(b l), n_lat, d]

@@ -177,3 +177,31 @@ def test_loss_decreases_when_training_the_hypernetwork():
         losses.append(out.distill.item())
     assert math.isfinite(losses[-1])
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_feature_positions_count_real_tokens_only():
+    """With sinusoidal feature positions, a chunk's adapter does not depend on how much padding sits after it,
+    and it differs from the content-only hypernetwork's (the positions reach the adapter)."""
+    from model.hypernet import sinusoidal_positions
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    pe = sinusoidal_positions(mask, 8)
+    assert torch.allclose(pe[0, 2:], pe[1, :3])  # left- or right-padded: the same encodings for the tokens
+    model = tiny("lfm2")
+    torch.manual_seed(3)
+    net = tiny_hyper(model, ["w2"], feature_positions="sinusoidal", scale_b_init=0.5)
+    torch.manual_seed(3)
+    plain = tiny_hyper(model, ["w2"], scale_b_init=0.5)
+    ids = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(5))
+    feats = encode_context(model, ids, torch.ones_like(ids), net.config.layer_indices)
+    padded = torch.cat([feats, torch.randn(*feats.shape[:2], 3, feats.shape[-1])], dim=2)
+    pad_mask = torch.tensor([[1] * 7 + [0] * 3])
+    with torch.no_grad():
+        a = net(feats, torch.ones(1, 7, dtype=torch.long)).loras
+        b = net(padded, pad_mask).loras
+        c = plain(feats, torch.ones(1, 7, dtype=torch.long)).loras
+    for name in a:
+        assert torch.allclose(a[name].A, b[name].A, atol=1e-5) and torch.allclose(a[name].B, b[name].B, atol=1e-5)
+        assert not torch.allclose(a[name].A, c[name].A, atol=1e-4)
+    with pytest.raises(ValueError, match="feature_positions"):
+        HyperConfig(feature_positions="learned")
