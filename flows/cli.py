@@ -66,6 +66,7 @@ FLOWS = {
     "teacher": ("flows.teacher", "teacher_flow"),
     "index": ("flows.index", "index_flow"),
     "train": ("flows.train_ddp", "run_train"),  # the train flow; data-parallel under torchrun (docs/scaling.md)
+    "evaluate": ("flows.evaluate", "evaluate_flow"),
 }
 
 
@@ -120,6 +121,9 @@ app.command("teacher")(_stage_command(
 app.command("index")(_stage_command("index", "Verify shards and rebuild the catalog's SQL views."))
 app.command("train")(_stage_command(
     "train", "Train (or resume) the hypernetwork on the teacher samples: --set train.optim.total_steps=200 ..."))
+app.command("evaluate")(_stage_command(
+    "evaluate", "Score the trained hypernetwork on held-out documents: teacher, no document, D2L, per-document "
+    "CD (--set evaluate.cd_max_docs=4 ...); writes eval_results, a report and a plot under <store>/eval/."))
 
 
 @app.command("internalize")

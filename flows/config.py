@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.runners import RunnerConfig
 from tasks.chunk import ChunkStageConfig
+from tasks.evaluate import EvaluateConfig
 from tasks.ingest import IngestConfig
 from tasks.synthesize import SynthesizeConfig
 from tasks.teacher import TeacherConfig
@@ -38,6 +39,8 @@ class PipelineConfig(BaseModel):
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     train: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig,
+                                     description="The evaluate flow (`d2l evaluate`): methods, documents, CD baseline.")
     runner: RunnerConfig = Field(default_factory=RunnerConfig,
                                  description="Where the units of ingest/chunk/synthesize/teacher run (docs/scaling.md).")
     demo_document: str | None = Field(

@@ -16,7 +16,7 @@ from tasks.train import run_dir
 
 
 def evaluate_config(config: PipelineConfig) -> EvaluateConfig:
-    """The `evaluate` section of the config (defaults until PipelineConfig carries one)."""
+    """The `evaluate` section of the config."""
     cfg = getattr(config, "evaluate", None)
     return cfg if isinstance(cfg, EvaluateConfig) else EvaluateConfig.model_validate(cfg or {})
 
@@ -26,7 +26,7 @@ def evaluate_flow(config: PipelineConfig = PipelineConfig(), evaluate: EvaluateC
     """Score the hypernetwork of `train.name` (or `evaluate.checkpoint`) against the baselines on held-out
     documents; rows to `eval_results`, report + plot to <store>/eval/<key>/ and to the Prefect UI.
 
-    `evaluate` overrides the config's `evaluate` section (until PipelineConfig has one: its defaults)."""
+    `evaluate` overrides the config's `evaluate` section."""
     from model.evaluation import markdown_table, method_table, ratio_lines
 
     ecfg = evaluate or evaluate_config(config)

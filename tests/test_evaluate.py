@@ -298,10 +298,11 @@ def test_evaluate_flow_writes_eval_results_report_and_plot(prefect_server, tiny_
 # ----------------------------------------------------------------------------------------------- benchmark
 @pytest.mark.slow
 def test_toy_benchmark_smoke(tmp_path):
-    """The whole benchmark at smoke size: a small toy model, teacher data, a short training, all methods."""
+    """The whole benchmark at smoke size through `d2l bench toy --smoke`: a small toy model, teacher data, a
+    short training, all methods."""
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "toy_world.py"), "--smoke", "--out", str(out),
-                           "--model-cache", str(tmp_path / "models"), "--threads", "1"],
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "bench", "toy", "--smoke", "--threads", "1",
+                           "--out", str(out), "--model-cache", str(tmp_path / "models")],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
