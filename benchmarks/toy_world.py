@@ -63,6 +63,9 @@ class Profile:
     heads: int = 1
     feature_positions: str = "none"  # HyperConfig.feature_positions
     scale_b_init: float = 0.1  # HyperConfig.scale_b_init (0: the reference's exactly-zero start)
+    # extra training documents with fewer facts, (entities, relations per entity) each, prof.docs of every
+    # kind; evaluation stays on the world's own documents. () = none
+    train_mix: tuple[tuple[int, int], ...] = ()
     multi_chunk: bool = True
     chunk_dist: dict | None = None  # TrainConfig.chunk_dist (pieces per context -> probability); None: its default
     # L1 on the generated A and B (HyperConfig's default: 0.1). At 0.1 the penalty shrank the generated
@@ -135,13 +138,20 @@ def make_data(model, tok, world, prof: Profile, seed: int, log):
 
     import numpy as np
 
-    docs, seen = [], set()
+    docs, seen, extra = [], set(), []
     for d in generate(prof.docs, seed=seed, cfg=world):
         doc_id = sha256_text(d.text)[:32]
         if doc_id not in seen:
             seen.add(doc_id)
             docs.append((doc_id, d))
-    train_docs = [(i, d) for i, d in docs if not is_held_out(i, prof.held_out)]
+    for k, (ents, rels) in enumerate(prof.train_mix):  # shorter training documents (never evaluated on)
+        small = dataclasses.replace(world, entities_per_doc=ents, relations_per_entity=rels)
+        for d in generate(prof.docs, seed=seed + 1000 * (k + 1), cfg=small):
+            doc_id = sha256_text(d.text)[:32]
+            if doc_id not in seen and not is_held_out(doc_id, prof.held_out):
+                seen.add(doc_id)
+                extra.append((doc_id, d))
+    train_docs = [(i, d) for i, d in docs if not is_held_out(i, prof.held_out)] + extra
     held = sorted([(i, d) for i, d in docs if is_held_out(i, prof.held_out)], key=lambda x: held_out_score(x[0]))
     held = held[: prof.eval_docs]
     items = [(i, d, j, qa) for i, d in train_docs + held for j, qa in enumerate(d.qa)]
@@ -280,12 +290,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             help=f"(full: {getattr(FULL, f.name)}, smoke: {getattr(SMOKE, f.name)})")
     ap.add_argument("--targets", nargs="+", default=None, help=f"LoRA target modules (default {FULL.targets})")
+    ap.add_argument("--train-mix", nargs="+", default=None, metavar="ExR",
+                    help="extra, shorter training documents: entities x relations per entity, e.g. 1x2 2x2")
     args = ap.parse_args(argv)
     prof = dataclasses.replace(SMOKE if args.smoke else FULL)
     for f in dataclasses.fields(Profile):
         v = getattr(args, f.name, None)
         if v is not None:
             setattr(prof, f.name, tuple(v) if f.name == "targets" else v)
+    if args.train_mix:
+        prof.train_mix = tuple(tuple(int(x) for x in m.lower().split("x")) for m in args.train_mix)
 
     import torch
     from transformers import AutoModelForCausalLM
