@@ -27,6 +27,35 @@ def smol_config(store, model_dir, source, **sets):
     return cfg.model_copy(update={"sources": source})
 
 
+def worst_topk_vs_forward_pass(cat, model_dir, where: str = "", limit: int = 3) -> float:
+    """For stored samples: the student input is the question alone, the greedy ids equal a fresh forward
+    pass of the teacher prompt + answer, and the return value is the largest |stored - fresh| log-prob."""
+    from transformers import AutoModelForCausalLM
+
+    from model.base_models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = run_query(cat, "SELECT s.student_ids, s.answer_start, s.n_answer_tokens, s.topk, s.topk_ids, "
+                          "s.topk_logprobs, q.question, c.text FROM samples s JOIN questions q USING (question_id) "
+                          f"JOIN chunks c ON c.chunk_id = s.chunk_id {where} ORDER BY s.sample_id LIMIT {limit}")[1]
+    assert rows
+    worst = 0.0
+    for student_ids, start, n, k, ids, lps, question, chunk in rows:
+        answer = student_ids[start:]
+        assert len(answer) == n
+        assert student_ids[:start] == wrap_as_user_turn(tok, question)  # student sees the question only
+        prompt = wrap_as_user_turn(tok, document_and_question(chunk, question))
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: len(prompt) - 1 + n]
+        fresh = torch.log_softmax(logits.float(), -1)
+        ids = np.asarray(ids).reshape(n, k)
+        assert (ids[:, 0] == fresh.argmax(-1).numpy()).all()  # same greedy token at every step
+        gathered = fresh.gather(1, torch.from_numpy(ids).long()).numpy()
+        worst = max(worst, float(np.abs(gathered - np.asarray(lps, dtype=np.float32).reshape(n, k)).max()))
+    return worst
+
+
 def test_smollm2_synthesize_teacher_topk_matches_forward_pass_and_rerun_is_free(prefect_server, tmp_path, smollm2_dir):
     doc = tmp_path / "veldmoor.md"
     doc.write_text(SHORT_DOC)
@@ -40,29 +69,7 @@ def test_smollm2_synthesize_teacher_topk_matches_forward_pass_and_rerun_is_free(
     assert n_samples + stats["teacher"]["rejects"] == sum(kinds.values())
     assert n_samples >= 1
 
-    from transformers import AutoModelForCausalLM
-
-    from model.base_models import load_tokenizer
-
-    tok = load_tokenizer(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    rows = run_query(cat, "SELECT s.student_ids, s.answer_start, s.n_answer_tokens, s.topk, s.topk_ids, "
-                          "s.topk_logprobs, q.question, c.text FROM samples s JOIN questions q USING (question_id) "
-                          "JOIN chunks c ON c.chunk_id = s.chunk_id LIMIT 3")[1]
-    worst = 0.0
-    for student_ids, start, n, k, ids, lps, question, chunk in rows:
-        answer = student_ids[start:]
-        assert len(answer) == n
-        assert student_ids[:start] == wrap_as_user_turn(tok, question)  # student sees the question only
-        prompt = wrap_as_user_turn(tok, document_and_question(chunk, question))
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: len(prompt) - 1 + n]
-        fresh = torch.log_softmax(logits.float(), -1)
-        ids = np.asarray(ids).reshape(n, k)
-        lps = np.asarray(lps, dtype=np.float32).reshape(n, k)
-        assert (ids[:, 0] == fresh.argmax(-1).numpy()).all()  # same greedy token at every step
-        gathered = fresh.gather(1, torch.from_numpy(ids).long()).numpy()
-        worst = max(worst, float(np.abs(gathered - lps).max()))
+    worst = worst_topk_vs_forward_pass(cat, smollm2_dir)
     print(f"max |stored - fresh| log-prob: {worst:.4f}")
     assert worst < 0.05
 
@@ -107,29 +114,11 @@ def test_toy_synthesize_teacher_answers_gold_topk_matches_forward_pass(prefect_s
     em = sum(a.strip() == b.strip() for a, b in gold) / len(gold)
     assert len(gold) == 48 and em >= 0.9, em
 
-    from transformers import AutoModelForCausalLM
-
-    from model.base_models import load_tokenizer
     from model.toy_model import toy_prompt
 
-    tok = load_tokenizer(toy_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
-    rows = run_query(cat, "SELECT s.student_ids, s.answer_start, s.n_answer_tokens, s.topk, s.topk_ids, "
-                          "s.topk_logprobs, q.question, c.text FROM samples s JOIN questions q USING (question_id) "
-                          "JOIN chunks c ON c.chunk_id = s.chunk_id WHERE q.kind = 'gold' ORDER BY s.sample_id LIMIT 12")[1]
-    worst = 0.0
-    for student_ids, start, n, k, ids, lps, question, chunk in rows:
-        answer = student_ids[start:]
-        assert student_ids[:start] == wrap_as_user_turn(tok, question)
-        prompt = wrap_as_user_turn(tok, document_and_question(chunk, question))
-        assert document_and_question(chunk, question) == toy_prompt(chunk, question)  # the prompt it learned
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: len(prompt) - 1 + n]
-        fresh = torch.log_softmax(logits.float(), -1)
-        ids = np.asarray(ids).reshape(n, k)
-        assert (ids[:, 0] == fresh.argmax(-1).numpy()).all()
-        gathered = fresh.gather(1, torch.from_numpy(ids).long()).numpy()
-        worst = max(worst, float(np.abs(gathered - np.asarray(lps, dtype=np.float32).reshape(n, k)).max()))
+    assert document_and_question("the color of zorb is red .", "what is the color of zorb ?") == \
+        toy_prompt("the color of zorb is red .", "what is the color of zorb ?")  # the prompt the toy learned
+    worst = worst_topk_vs_forward_pass(cat, toy_model_dir, where="WHERE q.kind = 'gold'", limit=12)
     print(f"toy: teacher EM on gold {em:.3f}; max |stored - fresh| log-prob {worst:.4f}")
     assert worst < 0.02
 
