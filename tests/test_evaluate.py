@@ -296,7 +296,6 @@ def test_evaluate_flow_writes_eval_results_report_and_plot(prefect_server, tiny_
 
 
 # ----------------------------------------------------------------------------------------------- benchmark
-@pytest.mark.slow
 def test_toy_benchmark_smoke(tmp_path):
     """The whole benchmark at smoke size through `d2l bench toy --smoke`: a small toy model, teacher data, a
     short training, all methods."""
