@@ -44,6 +44,11 @@ class HyperConfig:
     # before the input projection, so that latents can tell one passage's tokens from another's by place
     # as well as by content. "none": content only (the reference).
     feature_positions: str = "none"
+    # True: the latents ARE the rank slots (latent_count = target kinds x rank): each latent's state after the
+    # encoder blocks feeds its (kind, rank) head directly, with no decoder in between. The reference's
+    # decoder (one query per rank attending to the latents) is the default; on the toy world the slots
+    # learned where it did not (4 facts per document: exact match 0.66 vs 0.13 at 1,000 steps).
+    rank_slots: bool = False
     mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units
     head_mlp_layers: int = 1  # per-layer residual MLP blocks before the heads
     head_mlp_ratio: int = 1

@@ -6,7 +6,8 @@ Shapes: features ``[B, L, T, H]`` (L = the config's ``layer_indices``), mask ``[
    embedding. Layers are folded into the batch: every layer is read by the same weights.
 2. ``latent_count`` learned latents (+ the layer embedding) cross-attend to their layer's features in
    ``depth`` pre-norm blocks (keys/values = features and latents, so an empty chunk cannot give NaN).
-3. Decoder: one learned query per (layer, kind, rank) cross-attends to its layer's latents.
+3. Decoder: one learned query per (layer, kind, rank) cross-attends to its layer's latents (with
+   ``rank_slots`` there is no decoder: latent i of a layer is that layer's (kind, rank) slot i).
 4. A small per-layer residual MLP, L2 normalisation of each rank embedding, then a per-(layer, kind)
    linear head emitting one row of A (in) and one column of B (out) per rank.
 5. Learned per-layer, per-rank scalars multiply A (init 1) and B (init 0, `scale_b_init`): the generated update is
@@ -104,8 +105,14 @@ class HyperNetwork(nn.Module):
         self.layer_emb = nn.Parameter(torch.randn(n_layers, d) * 0.02)
         self.latents = nn.Parameter(torch.randn(cfg.latent_count, d) * 0.02)
         self.blocks = nn.ModuleList(CrossBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.queries = nn.Parameter(torch.randn(n_layers, len(self.kinds) * r, d) * 0.02)
-        self.decoder = CrossBlock(d, cfg.heads, cfg.mlp_ratio)
+        if cfg.rank_slots:  # the latents are the (kind, rank) slots: no decoder
+            if cfg.latent_count != len(self.kinds) * r:
+                raise ValueError(f"rank_slots needs latent_count = target kinds x rank = {len(self.kinds)} x {r}, "
+                                 f"got {cfg.latent_count}")
+            self.queries, self.decoder = None, None
+        else:
+            self.queries = nn.Parameter(torch.randn(n_layers, len(self.kinds) * r, d) * 0.02)
+            self.decoder = CrossBlock(d, cfg.heads, cfg.mlp_ratio)
         self.head_mlp = nn.Sequential(
             *(PerLayerResMLP(n_layers, d, cfg.head_mlp_ratio * d) for _ in range(cfg.head_mlp_layers))
         )
@@ -152,7 +159,7 @@ class HyperNetwork(nn.Module):
         lat = (self.latents[None] + self.layer_emb[:, None]).repeat(b, 1, 1)  # [(b l), n_lat, d]
         for block in self.blocks:
             lat = block(lat, x, m)
-        q = self.decoder(self.queries.repeat(b, 1, 1), lat)  # [(b l), K*r, d]
+        q = lat if self.decoder is None else self.decoder(self.queries.repeat(b, 1, 1), lat)  # [(b l), K*r, d]
         q = self.head_mlp(q.view(b, n_layers, len(self.kinds) * r, -1))
         q = F.normalize(q, dim=-1).view(b, n_layers, len(self.kinds), r, -1)
         loras: dict[str, LoRA] = {}

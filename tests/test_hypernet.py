@@ -32,7 +32,8 @@ PATTERNS = {"llama": ["down_proj"], "lfm2": ["w2", "out_proj", "in_proj"]}
 
 
 def tiny_hyper(model, patterns, **kw) -> HyperNetwork:
-    cfg = HyperConfig(target_modules=patterns, rank=4, latent_dim=16, latent_count=4, depth=1, heads=2, **kw)
+    cfg = HyperConfig(**{"target_modules": patterns, "rank": 4, "latent_dim": 16, "latent_count": 4, "depth": 1,
+                         "heads": 2, **kw})
     return HyperNetwork.for_model(cfg, model)
 
 
@@ -205,3 +206,27 @@ def test_feature_positions_count_real_tokens_only():
         assert not torch.allclose(a[name].A, c[name].A, atol=1e-4)
     with pytest.raises(ValueError, match="feature_positions"):
         HyperConfig(feature_positions="learned")
+
+
+def test_rank_slots_feed_the_heads_directly():
+    """rank_slots: no decoder; latent_count must equal kinds x rank; zero update at init; the adapter
+    depends on the context."""
+    model = tiny("lfm2")
+    with pytest.raises(ValueError, match="rank_slots"):
+        tiny_hyper(model, ["w2", "out_proj"], rank_slots=True)  # 4 latents for 3 kinds (w2, 2 out_proj) x rank 4
+    net = tiny_hyper(model, ["w2", "out_proj"], rank_slots=True, latent_count=12)
+    assert net.decoder is None and not any(n.startswith(("decoder", "queries")) for n, _ in net.named_parameters())
+    ids, mask = batch_ids()
+    feats = encode_context(model, ids, mask, net.config.layer_indices)
+    merged = merge_chunks(net(feats, mask), [1, 1], bias=net.bias_adapter(1))
+    x = torch.randint(0, V, (2, 6))
+    base = model(x).logits
+    with apply_adapter(model, merged):
+        adapted = model(x).logits
+    assert torch.equal(base, adapted)
+    with torch.no_grad():
+        for p in net.scale_B.values():
+            p.fill_(0.5)
+        ad = net(feats, mask)
+    name = next(iter(ad.loras))
+    assert not torch.allclose(ad.loras[name].B[0], ad.loras[name].B[1])  # two contexts, two adapters
