@@ -277,7 +277,7 @@ def one_table(summary: dict, long: dict | None, cd_steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes: the whole path in a minute or two")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: the whole path in ~15 s")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: store/bench/toy[-smoke])")
     ap.add_argument("--model-cache", type=Path, default=None, help="toy model cache (default: $D2L_MODEL_CACHE "
                     "or store/models)")

@@ -216,7 +216,7 @@ def bench_toy(ctx: typer.Context,
     """The toy-world benchmark: teacher vs no document vs D2L vs per-document CD, long documents, needle.
 
     Builds (or reuses) the toy base model, generates toy documents, trains the hypernetwork with a stated
-    budget, evaluates on held-out documents and prints one table (~15 min on 2 cores; --smoke ~1 min).
+    budget, evaluates on held-out documents and prints one table (~6 min on 2 cores; --smoke ~15 s).
     Every size is a flag passed through to benchmarks/toy_world.py: d2l bench toy --steps 3000 --cd-docs 16
     (run `python benchmarks/toy_world.py --help` for the list).
     """
