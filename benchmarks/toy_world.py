@@ -4,8 +4,8 @@ the needle test. CPU only, in one process.
     HF_HUB_OFFLINE=1 python benchmarks/toy_world.py [--smoke] [--out DIR] [--threads 2] [--steps N] ...
 
 1. the toy base model (model/toy_model.py): reused from ``--model-cache`` (default ``$D2L_MODEL_CACHE``,
-   else ``store/models``) when a complete one with the same configuration is there, else built (a few
-   minutes on 2 cores; ``--smoke`` builds a smaller, weaker one in well under a minute);
+   else ``store/models``) when a complete one with the same configuration is there, else built (~20 s
+   on 2 cores; ``--smoke`` builds a smaller, weaker one in a few seconds);
 2. data: toy documents; ``doc_id`` = sha256 of the text; held out = ``held_out_score(doc_id) <
    --held-out`` (model/train_data.py, the same split the train and evaluate stages use); the teacher (the
    toy model with the document in its prompt) answers every question greedily through the transformers
