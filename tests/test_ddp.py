@@ -36,13 +36,7 @@ DDP_CFG = dict(lr=5e-3, warmup_steps=2, total_steps=8, batch_size=8, grad_accum=
 STRIP = ("seconds", "samples_per_s", "tokens_per_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest (and several spin for ages on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(tok_dir: str):

@@ -86,12 +86,12 @@ def test_smollm2_synthesize_teacher_topk_matches_forward_pass_and_rerun_is_free(
 # The toy base model: fast enough to run every stage for real, and to crash it on purpose.
 
 TOY_SOURCES = [f"synthetic://facts?n=2&seed={s}" for s in range(10)]  # 10 sources -> 10 shards per stage
+TOY_SETS = ["synthesize.llm_for_gold_docs=true", "synthesize.questions_per_round=2", "synthesize.max_new_tokens=12",
+            "teacher.topk=8", "teacher.max_new_tokens=6"]  # the toy model as question LLM too; short answers
 
 
 def toy_config(store, model_dir, sources=TOY_SOURCES, **sets):
-    base = [f"store={store}", f"base_model={model_dir}", "progress=false", "stages=[synthesize,teacher]",
-            "synthesize.llm_for_gold_docs=true", "synthesize.questions_per_round=2",
-            "synthesize.max_new_tokens=12", "teacher.topk=8", "teacher.max_new_tokens=6"]
+    base = [f"store={store}", f"base_model={model_dir}", "progress=false", "stages=[synthesize,teacher]", *TOY_SETS]
     cfg = load_config(None, base + [f"{k}={v}" for k, v in sets.items()])
     return cfg.model_copy(update={"sources": sources})
 
@@ -140,9 +140,9 @@ def _toy_cli(store, model_dir, api_url, stages="[synthesize,teacher]"):
     from conftest import REPO, subprocess_env
 
     cmd = [sys.executable, "-m", "flows.cli", "run", "--store", str(store), "--base-model", str(model_dir),
-           "--no-progress", "--set", f"stages={stages}", "--set", "synthesize.llm_for_gold_docs=true",
-           "--set", "synthesize.questions_per_round=2", "--set", "synthesize.max_new_tokens=12",
-           "--set", "teacher.topk=8", "--set", "teacher.max_new_tokens=6"]
+           "--no-progress", "--set", f"stages={stages}"]
+    for setting in TOY_SETS:
+        cmd += ["--set", setting]
     for s in TOY_SOURCES:
         cmd += ["--source", s]
     env = subprocess_env(api_url)

@@ -15,27 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, WORDS, make_corpus, subprocess_env
 from flows.cli import app
 from flows.config import load_config
 from flows.pipeline import pipeline_flow
 from storage.catalog import Catalog
 from storage.shards import temporary_files
 from storage.sql import run_query
-
-WORDS = ("river stone lantern orchard copper meadow signal harbor pencil violet engine marble window "
-         "forest ladder basket thunder garden silver candle").split()
-
-
-def make_corpus(folder: Path, n: int = 24) -> Path:
-    """`n` text files of varied length (some span several chunks) plus a duplicate of the first."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(20 + 13 * (i % 6))]
-        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + " ".join(words) + ".\n")
-    (folder / "copy-of-doc00.txt").write_text((folder / "doc00.txt").read_text())
-    return folder
-
 
 def config_for(store: Path, sources: list[str], tok: Path, **extra):
     sets = [f"store={store}", f"base_model={tok}", "chunk.max_tokens=48", "progress=false", "stages=[]"]

@@ -16,24 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_corpus
 from flows.config import PipelineConfig, load_config
 from flows.runners import RunnerConfig, UnitsFailed, build_task_runner, run_units
 from storage.catalog import Catalog
 from storage.sql import run_query
 
-WORDS = ("river stone lantern orchard copper meadow signal harbor pencil violet engine marble window "
-         "forest ladder basket thunder garden silver candle").split()
 VIEWS = {"documents": "doc_id", "chunks": "chunk_id", "questions": "question_id", "samples": "sample_id",
          "rejects": "stage, source, item, reason, detail"}
-
-
-def make_corpus(folder: Path, n: int = 6) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(20 + 13 * (i % 6))]
-        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + " ".join(words) + ".\n")
-    (folder / "copy-of-doc00.txt").write_text((folder / "doc00.txt").read_text())
-    return folder
 
 
 def build_stub_model(tok_dir: Path, out: Path) -> Path:
@@ -86,7 +76,7 @@ def stub_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "docs")
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "docs", n=6)
 
 
 def config_for(store: Path, model: Path, corpus: Path, runner: dict | None = None, stages: str = "[synthesize, teacher]",

@@ -28,13 +28,7 @@ from model.train_loop import latest_checkpoint, lr_factor, train
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a loaded 2-core machine several threads spin for ages."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager
