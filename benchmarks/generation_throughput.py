@@ -73,7 +73,7 @@ def build_tiny_model(out_dir: Path, *, hidden: int = 256, layers: int = 4, train
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from model.tiny_tokenizer import build_bpe_tokenizer
+    from benchmarks.tiny_tokenizer import build_bpe_tokenizer
 
     texts = corpus_texts()
     tok_dir = build_bpe_tokenizer(texts + QUESTIONS, out_dir, vocab_size=1024)

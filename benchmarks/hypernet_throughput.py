@@ -6,7 +6,7 @@ found under store/models/, the doc2lora model cache, or /tmp), measured in one r
 - ``bare``: the student alone (question prompt + answer, no adapter) forward + backward; a dummy scalar
   parameter multiplies the token embeddings so the backward pass runs through every layer, as it must
   to reach the LoRAs (the base weights are frozen in both cases, so neither computes weight gradients);
-- ``hypernet``: one training micro-batch as ``model/train_loop.py`` runs it: encode the contexts with the
+- ``hypernet``: one training micro-batch as ``model/training/loop.py`` runs it: encode the contexts with the
   frozen base model, generate the LoRAs, student forward with the adapters, loss, backward into the
   hypernetwork, clipping, AdamW step;
 - ``loop``: samples/s reported by ``train()`` itself (batch building and logging included), median over
@@ -39,16 +39,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from model.batched_lora import freeze  # noqa: E402
-from model.context_encoder import ContextEncoder  # noqa: E402
-from model.hyper_config import HyperConfig  # noqa: E402
-from model.hypernet import HyperNetwork  # noqa: E402
-from model.internalize import internalize  # noqa: E402
-from model.toy_world import generate  # noqa: E402
-from model.train_config import TrainConfig  # noqa: E402
-from model.train_data import affixes, build_batch, pad_id_of, teacher_rows_from_model  # noqa: E402
-from model.train_loop import build_optimizer, forward_loss, student_logits, train  # noqa: E402
-from model.distill_loss import distill_loss  # noqa: E402
+from model.hypernet.lora import freeze  # noqa: E402
+from model.hypernet.encoder import ContextEncoder  # noqa: E402
+from model.hypernet.config import HyperConfig  # noqa: E402
+from model.hypernet.network import HyperNetwork  # noqa: E402
+from model.hypernet.internalize import internalize  # noqa: E402
+from model.toy.world import generate  # noqa: E402
+from model.training.config import TrainConfig  # noqa: E402
+from model.training.data import affixes, build_batch, pad_id_of, teacher_rows_from_model  # noqa: E402
+from model.training.loop import build_optimizer, forward_loss, student_logits, train  # noqa: E402
+from model.training.loss import distill_loss  # noqa: E402
 
 
 def smollm2_dir() -> Path | None:
@@ -67,7 +67,7 @@ def smollm2_dir() -> Path | None:
 def tiny_base(tmp: Path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from model.tiny_tokenizer import build_bpe_tokenizer
+    from benchmarks.tiny_tokenizer import build_bpe_tokenizer
 
     tok_dir = build_bpe_tokenizer([d.text for d in generate(200, seed=7)] + [q["question"] for d in generate(20) for q in d.qa],
                                   tmp / "tok", vocab_size=400)

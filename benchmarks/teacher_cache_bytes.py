@@ -7,7 +7,7 @@ Both layouts are written in the same run as real zstd Parquet files (one row per
 ``[n_tokens * k]`` list columns), and their file sizes are divided by the number of answer tokens:
 
 - reference: int32 ids + float16 log-probs (the authors' layout; 96 bytes a token before compression);
-- compact: :class:`model.topk_codec.TopKFormat` (ids as uint16/uint32 by vocabulary size; log-probs as
+- compact: :class:`benchmarks.topk_codec.TopKFormat` (ids as uint16/uint32 by vocabulary size; log-probs as
   float16, q16 or q8), with the measured round-trip error of each precision.
 
 Data: real teacher outputs (greedy, top-k in the same pass) of a model: ``--model DIR``, else a
@@ -53,14 +53,14 @@ def write_reference(answers, path: Path) -> int:
 def write_compact(answers, vocab_size: int, k: int, precision: str, path: Path) -> int:
     import pyarrow.parquet as pq
 
-    from model.topk_codec import TopKFormat, topk_table
+    from benchmarks.topk_codec import TopKFormat, topk_table
 
     pq.write_table(topk_table(answers, TopKFormat(vocab_size, k, precision)), path, compression="zstd")
     return path.stat().st_size
 
 
 def report(name: str, answers, vocab_size: int, k: int, out: Path) -> None:
-    from model.topk_codec import TopKFormat, measured_error
+    from benchmarks.topk_codec import TopKFormat, measured_error
 
     n = sum(len(ids) for ids, _ in answers)
     all_ids = np.concatenate([ids for ids, _ in answers])

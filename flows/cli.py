@@ -217,20 +217,13 @@ def bench_toy(ctx: typer.Context,
 
     Builds (or reuses) the toy base model, generates toy documents, trains the hypernetwork with a stated
     budget, evaluates on held-out documents and prints one table (~6 min on 2 cores; --smoke ~15 s).
-    Every size is a flag passed through to benchmarks/toy_world.py: d2l bench toy --steps 3000 --cd-docs 16
-    (run `python benchmarks/toy_world.py --help` for the list).
+    Every size is a flag passed through to the benchmark (model/toy/bench.py): d2l bench toy --steps 3000
+    --cd-docs 16 (run `python benchmarks/toy_world.py --help` for the list).
     """
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    try:
-        from benchmarks.toy_world import main as toy_main
-    except ImportError as exc:
-        typer.secho(f"benchmarks/ is not importable from {repo} ({exc}); run from a clone of the repository",
-                    fg="red", err=True)
-        raise typer.Exit(2) from None
+    from tasks.bench import run_toy_benchmark
+
     argv = (["--smoke"] if smoke else []) + ["--threads", str(threads)] + list(ctx.args)
-    raise typer.Exit(toy_main(argv))
+    raise typer.Exit(run_toy_benchmark(argv))
 
 
 @app.command("models")

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.config import PipelineConfig
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
-from tasks.evaluate import EvaluateConfig, run_evaluation
+from tasks.evaluate import EvaluateConfig, method_rows, run_evaluation
 from tasks.models import resolve_model
 from tasks.train import run_dir
 
@@ -27,8 +27,6 @@ def evaluate_flow(config: PipelineConfig = PipelineConfig(), evaluate: EvaluateC
     documents; rows to `eval_results`, report + plot to <store>/eval/<key>/ and to the Prefect UI.
 
     `evaluate` overrides the config's `evaluate` section."""
-    from model.evaluation import markdown_table, method_table, ratio_lines
-
     ecfg = evaluate or evaluate_config(config)
     with stage_run(config, "evaluate") as (store, run_id, stats):
         model_dir = resolve_model(config.base_model, str(store.root))
@@ -53,9 +51,9 @@ def evaluate_flow(config: PipelineConfig = PipelineConfig(), evaluate: EvaluateC
             report_md = f.read()
         create_markdown_artifact(key="d2l-eval-report", markdown=report_md + f"\n\nPlot: `{res['plot']}`\n",
                                  description="doc2lora evaluation: teacher / no doc / D2L / CD")
-        create_table_artifact(key="d2l-eval-methods", table=method_table(summary),
-                              description="held-out questions, one row per method")
-        print(markdown_table(method_table(summary)) + "\n" + "\n".join(ratio_lines(summary)))
+        rows, text = method_rows(summary)
+        create_table_artifact(key="d2l-eval-methods", table=rows, description="held-out questions, one row per method")
+        print(text)
         return dict(stats)
 
 

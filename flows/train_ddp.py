@@ -22,7 +22,7 @@ from flows.config import PipelineConfig
 
 def run_train(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """The train flow on rank 0 (or alone); the bare training task on the other ranks."""
-    from model.distributed import init_from_env, launched, shutdown
+    from tasks.train import init_from_env, launched, shutdown
 
     if not launched():
         from flows.train import train_flow

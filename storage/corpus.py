@@ -33,66 +33,26 @@ import glob
 import hashlib
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from storage.corpus_readers import READERS, SYNTHETIC_DEFAULTS, Sink, split_uri
+from storage.corpus_readers import READERS, Sink, split_uri
 from storage.corpus_text import doc_id_for, normalise_text
 from storage.hashing import canonical_json, file_sha256
+from storage.sources import IngestConfig, SourceUnit
+from storage.synthetic import registered_worlds, world_named
 
 __all__ = ["IngestConfig", "SourceUnit", "expand_sources", "read_unit", "normalise_text", "doc_id_for",
            "KIND_BY_EXTENSION", "REASONS"]
 
 KIND_BY_EXTENSION = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html",
                      ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-DEFAULT_EXTENSIONS = [".txt", ".md", ".markdown", ".html", ".htm", ".jsonl", ".parquet", ".csv"]
 REASONS = ("not_found", "bad_spec", "unreadable_file", "empty", "too_short", "too_large", "binary", "undecodable",
            "malformed_jsonl", "malformed_csv", "unreadable_parquet", "unreadable_dataset", "missing_column",
            "not_text", "read_error")
 DATASETS_ARGS = ("data_files", "split", "name", "data_dir", "revision")
 _GLOB_CHARS = set("*?[")
-
-
-class IngestConfig(BaseModel):
-    """How the ingest stage reads sources."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    text_column: str = Field("text", description="Column holding the document text (jsonl, parquet, csv, datasets).")
-    title_column: str | None = Field(None, description="Optional column holding a title for tabular sources.")
-    question_column: str | None = Field(None, description="Optional gold-question column (tabular sources); "
-                                        "a list of questions pairs with a list of answers.")
-    answer_column: str | None = Field(None, description="Optional gold-answer column: a string, a list (first "
-                                      "is used) or a SQuAD-style {'text': [...]} dict.")
-    max_bytes: int = Field(20_000_000, gt=0, description="Files larger than this many bytes are rejected "
-                           "(too_large), whatever their kind.")
-    max_chars: int = Field(2_000_000, gt=0, description="Documents longer than this many characters (after "
-                           "normalising) are rejected (too_large).")
-    min_chars: int = Field(1, ge=0, description="Documents shorter than this are rejected (too_short; "
-                           "no text at all is `empty`).")
-    extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS),
-                                  description="File extensions picked up inside folders and globs; unknown "
-                                  "ones are read as plain text.")
-    datasets_cache_dir: str | None = Field(None, exclude=True, description="cache_dir for datasets.load_dataset "
-                                           "(default: the Hugging Face cache). Not part of cache keys.")
-
-    @field_validator("extensions")
-    @classmethod
-    def _dotted(cls, value: list[str]) -> list[str]:
-        """Lower-case extensions with a leading dot."""
-        return [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
-
-
-@dataclass(frozen=True)
-class SourceUnit:
-    """One unit of ingest work, written as one output shard."""
-
-    source: str  # absolute path, or canonical synthetic:// / datasets:// URI
-    kind: str  # txt | md | html | jsonl | parquet | csv | synthetic | datasets
-    fingerprint: str  # sha256 hex of the file bytes / canonical URI / dataset args + local file bytes
 
 
 def _reject(source: str, reason: str, detail: str) -> dict:
@@ -206,21 +166,14 @@ def _file_units(files: list[tuple[Path, str]]) -> tuple[list[SourceUnit], list[d
     return units, rejects
 
 
-def _max_pool() -> int:
-    """How many distinct entity names the toy world can make."""
-    from model import toy_world as tw
-
-    return len(tw._ONSETS) * len(tw._VOWELS) ** 2 * len(tw._CODAS)  # noqa: SLF001 - same project
-
-
 def _synthetic_unit(spec: str) -> tuple[list[SourceUnit], list[dict]]:
-    """synthetic://facts?... -> one unit with a canonical URI (every parameter, sorted)."""
-    from model.toy_world import RELATIONS
-
-    world, pairs = split_uri(spec)
-    if world != "facts":
-        return [], [_reject(spec, "bad_spec", f"Unknown synthetic world {world!r}; the only one is 'facts'.")]
-    params = dict(SYNTHETIC_DEFAULTS)
+    """synthetic://WORLD?... -> one unit with a canonical URI (every parameter, sorted)."""
+    name, pairs = split_uri(spec)
+    world = world_named(name)
+    if world is None:
+        known = ", ".join(repr(w) for w in registered_worlds()) or "none registered"
+        return [], [_reject(spec, "bad_spec", f"Unknown synthetic world {name!r}; known: {known}.")]
+    params = dict(world.defaults)
     for key, value in pairs:
         if key not in params:
             return [], [_reject(spec, "bad_spec", f"Unknown parameter {key!r}; known: {', '.join(sorted(params))}.")]
@@ -228,14 +181,10 @@ def _synthetic_unit(spec: str) -> tuple[list[SourceUnit], list[dict]]:
             params[key] = int(value)
         except ValueError:
             return [], [_reject(spec, "bad_spec", f"Parameter {key}={value!r} is not an integer.")]
-    problem = (
-        "n must be at least 1" if params["n"] < 1 else
-        f"relations must be 1..{len(RELATIONS)}" if not 1 <= params["relations"] <= len(RELATIONS) else
-        f"pool must be 1..{_max_pool()}" if not 1 <= params["pool"] <= _max_pool() else
-        "entities must be 1..pool" if not 1 <= params["entities"] <= params["pool"] else "")
+    problem = world.check(params)
     if problem:
         return [], [_reject(spec, "bad_spec", f"Bad synthetic spec: {problem}.")]
-    canonical = "synthetic://facts?" + "&".join(f"{k}={params[k]}" for k in sorted(params))
+    canonical = f"synthetic://{name}?" + "&".join(f"{k}={params[k]}" for k in sorted(params))
     return [SourceUnit(canonical, "synthetic", hashlib.sha256(canonical.encode()).hexdigest())], []
 
 

@@ -15,18 +15,17 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 from urllib.parse import parse_qsl, unquote
 
 from storage.corpus_text import Decoded, decode_bytes, html_declared_charset, html_to_text, markdown_title, \
     normalise_text
 
-if TYPE_CHECKING:
-    from storage.corpus import IngestConfig, SourceUnit
+from storage.sources import IngestConfig, SourceUnit
+from storage.synthetic import world_named
 
 _ITEM_WORD = {"jsonl": "line", "csv": "row", "parquet": "row", "datasets": "row", "synthetic": "document"}
 _META_STR_MAX = 1000
-SYNTHETIC_DEFAULTS = {"n": 100, "seed": 0, "entities": 4, "relations": 2, "pool": 32, "name_seed": 1234}
 
 
 def split_uri(uri: str) -> tuple[str, list[tuple[str, str]]]:
@@ -330,15 +329,15 @@ def read_parquet(sink: Sink) -> None:
 # ------------------------------------------------------------------------------------ synthetic / datasets
 
 def read_synthetic(sink: Sink) -> None:
-    """synthetic://facts?...: toy-world documents with their gold QA and facts."""
-    from model.toy_world import ToyWorldConfig, generate
-
-    _, pairs = split_uri(sink.unit.source)
-    p = {**SYNTHETIC_DEFAULTS, **{k: int(v) for k, v in pairs}}
-    world = ToyWorldConfig(pool=p["pool"], entities_per_doc=p["entities"], relations_per_entity=p["relations"],
-                           name_seed=p["name_seed"])
-    for i, doc in enumerate(generate(p["n"], p["seed"], world)):
-        sink.document(str(i), doc.text, gold_qa=doc.qa, meta={"facts": [list(f) for f in doc.facts]})
+    """synthetic://WORLD?...: a registered world's documents with their gold QA and metadata."""
+    name, pairs = split_uri(sink.unit.source)
+    world = world_named(name)
+    if world is None:
+        return sink.reject("", "bad_spec", f"Unknown synthetic world {name!r} (not registered in this process).")
+    params = {**world.defaults, **{k: int(v) for k, v in pairs}}
+    for i, doc in enumerate(world.documents(params)):
+        sink.document(str(i), doc.text, gold_qa=doc.gold_qa, meta=doc.meta)
+    return None
 
 
 def read_datasets(sink: Sink) -> None:

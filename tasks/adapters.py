@@ -12,9 +12,9 @@ from prefect import task
 __all__ = ["answer_with_adapter", "internalize_to_peft", "internalize_task"]
 
 
-def _checkpoint_folder(checkpoint: str) -> tuple[Path, Path]:
+def checkpoint_folder(checkpoint: str) -> tuple[Path, Path]:
     """(checkpoint folder, run folder): accepts a run folder (newest checkpoint) or a checkpoint folder."""
-    from model.train_loop import latest_checkpoint
+    from model.training.loop import latest_checkpoint
 
     p = Path(checkpoint)
     if (p / "model.safetensors").exists():
@@ -33,11 +33,11 @@ def internalize_to_peft(document: str, checkpoint: str, out_dir: str, base_model
     from transformers import AutoModelForCausalLM
 
     from model.base_models import load_tokenizer
-    from model.checkpoint import load_hypernet
-    from model.internalize import internalize
-    from model.peft_export import export_peft
+    from model.training.checkpoint import load_hypernet
+    from model.hypernet.internalize import internalize
+    from model.hypernet.peft_export import export_peft
 
-    ckpt, run = _checkpoint_folder(checkpoint)
+    ckpt, run = checkpoint_folder(checkpoint)
     model_dir = base_model or json.loads((run / "base_model.json").read_text())["model_dir"]
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
@@ -67,7 +67,7 @@ def answer_with_adapter(adapter_dir: str, question: str, max_new_tokens: int = 6
     from transformers import AutoModelForCausalLM
 
     from model.base_models import load_tokenizer
-    from model.chunking import wrap_as_user_turn
+    from model.text.chunking import wrap_as_user_turn
 
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     model_dir = base_model or cfg.get("base_model_name_or_path")

@@ -11,7 +11,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.base_models import load_tokenizer
-from model.chunking import ChunkConfig, chunk_document, tokenizer_fingerprint
+from model.text.chunking import ChunkConfig, chunk_document, tokenizer_fingerprint
 from storage.hashing import content_key
 from storage.schemas import to_table
 from storage.store import Store

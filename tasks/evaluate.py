@@ -1,7 +1,7 @@
 """Evaluate: held-out documents answered four ways (teacher, no document, D2L, per-document CD).
 
 Held-out split: a document is held out when ``held_out_score(doc_id)`` (sha256 of a fixed salt and the
-doc_id, model/train_data.py) is below ``held_out_fraction`` -- the same function and, by default, the same
+doc_id, model/training/data.py) is below ``held_out_fraction`` -- the same function and, by default, the same
 fraction as the train stage, so evaluation never sees a training document, and a document's side never
 changes when the corpus grows. Each held-out *chunk* is one context (a toy document is one chunk).
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.catalog import Catalog
 
 __all__ = ["EvaluateConfig", "EVAL_VERSION", "eval_dir", "read_eval_contexts", "run_evaluation",
-           "write_report"]
+           "method_rows"]
 
 EVAL_VERSION = "1"
 MethodName = Literal["teacher", "no_doc", "d2l", "cd"]
@@ -66,7 +66,7 @@ def eval_dir(store_root: str, key: str) -> Path:
 
 
 def _held_out_rows(store_root: str, fraction: float) -> list[dict[str, Any]]:
-    from model.train_data import is_held_out
+    from model.training.data import is_held_out
 
     cat = Catalog(store_root)
     cat.refresh_views()
@@ -86,8 +86,8 @@ def read_eval_contexts(store_root: str, fraction: float, max_docs: int | None = 
                        max_questions: int | None = None):
     """Held-out contexts (chunks) with their questions, gold answers and teacher samples, in a stable order
     (by the held-out hash of the document, then chunk id)."""
-    from model.evaluation import EvalContext, EvalQuestion
-    from model.train_data import held_out_score
+    from model.evaluation.runner import EvalContext, EvalQuestion
+    from model.training.data import held_out_score
 
     by_chunk: dict[str, Any] = {}
     for r in _held_out_rows(store_root, fraction):
@@ -120,33 +120,10 @@ def checkpoint_fingerprint(ckpt: Path) -> str:
 
 
 def _is_toy(model_dir: str):
-    from model.toy_model import REPORT_KIND, _world_of, read_report
+    from model.toy.model import REPORT_KIND, world_of, read_report
 
     report = read_report(model_dir) or {}
-    return _world_of(model_dir) if report.get("kind") == REPORT_KIND else None
-
-
-def write_report(folder: Path, summary: dict[str, Any], long: dict[str, Any] | None, title: str,
-                 notes: list[str] | None = None) -> dict[str, Path]:
-    """report.md, results.png and summary.json in `folder`; returns their paths."""
-    from model.evaluation import markdown_table, method_table, plot_results, ratio_lines
-    from model.long_docs import long_table, needle_table
-
-    folder.mkdir(parents=True, exist_ok=True)
-    md = [f"# {title}\n", "## Held-out questions, four methods\n", markdown_table(method_table(summary)), "",
-          *ratio_lines(summary), ""]
-    if long and long.get("curves"):
-        md += ["## Documents longer than the trained length (exact match)\n", markdown_table(long_table(long)), ""]
-    if long and long.get("needle"):
-        md += [f"## Needle test ({long.get('needle_factor')}x haystack, exact match by depth)\n",
-               markdown_table(needle_table(long)), ""]
-    md += [f"- {n}" for n in notes or []]
-    paths = {"report": folder / "report.md", "plot": folder / "results.png", "summary": folder / "summary.json"}
-    paths["report"].write_text("\n".join(md) + "\n")
-    plot_results(summary, paths["plot"], long if long and long.get("curves") else None, title=title)
-    paths["summary"].write_text(json.dumps({"summary": summary, "long": long, "title": title}, indent=1,
-                                           default=str))
-    return paths
+    return world_of(model_dir) if report.get("kind") == REPORT_KIND else None
 
 
 @task(name="evaluate-hypernet")
@@ -157,18 +134,19 @@ def run_evaluation(store_root: str, model_dir: str, checkpoint: str, cfg: Evalua
     from transformers import AutoModelForCausalLM
 
     from model.base_models import load_tokenizer
-    from model.checkpoint import load_hypernet
-    from model.evaluation import EvalSettings, evaluate_contexts
-    from model.long_docs import evaluate_long, long_summary, needle_test
+    from model.training.checkpoint import load_hypernet
+    from model.evaluation.runner import EvalSettings, evaluate_contexts
+    from model.evaluation.long_docs import evaluate_long, needle_test
+    from model.evaluation.report import long_summary
     from storage.hashing import content_key
     from storage.schemas import to_table
     from storage.store import Store
-    from tasks.adapters import _checkpoint_folder
+    from tasks.adapters import checkpoint_folder
     from tasks.common import entries_to_dicts
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ckpt, _ = _checkpoint_folder(checkpoint)
+    ckpt, _ = checkpoint_folder(checkpoint)
     contexts = read_eval_contexts(store_root, fraction, cfg.max_docs, cfg.max_questions_per_doc)
     if not contexts:
         raise ValueError(f"No held-out questions (fraction {fraction}): run synthesize/teacher first, or raise "
@@ -208,9 +186,20 @@ def run_evaluation(store_root: str, model_dir: str, checkpoint: str, cfg: Evalua
         long = long_summary(long_rows)
     elif world is None:
         notes.append("long documents and the needle test: skipped (they need the toy base model's world)")
+    from model.evaluation.report import write_report
+
     paths = write_report(folder, out.summary, long, title=f"doc2lora evaluation ({Path(model_dir).name})",
                          notes=notes)
     entries = store.write_unit("evaluate", key, {"eval_results": to_table("eval_results", rows)})
     return {"key": key, "done_before": False, "summary": out.summary, "long": long, "timings": out.timings,
             "report": str(paths["report"]), "plot": str(paths["plot"]), "entries": entries_to_dicts(entries),
             "rows": len(rows), "contexts": len(contexts)}
+
+
+def method_rows(summary: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+    """The per-method table (rows for a table artifact) and the same as Markdown with the ratio lines."""
+    from model.evaluation.report import markdown_table, method_table, ratio_lines
+
+    rows = method_table(summary)
+    return rows, markdown_table(rows) + "\n" + "\n".join(ratio_lines(summary))
+

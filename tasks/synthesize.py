@@ -11,9 +11,9 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.base_models import load_tokenizer
-from model.chunking import wrap_as_user_turn
+from model.text.chunking import wrap_as_user_turn
 from model.generation import SamplingConfig
-from model.synthesis import PROMPT_VERSION, parse_questions, render_prompt
+from model.text.synthesis import PROMPT_VERSION, parse_questions, render_prompt
 from storage.hashing import content_key, sha256_text
 from storage.schemas import to_table
 from storage.store import Store

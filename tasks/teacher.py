@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.chunking import wrap_as_user_turn
+from model.text.chunking import wrap_as_user_turn
 from model.generation import SamplingConfig
-from model.synthesis import document_and_question
+from model.text.synthesis import document_and_question
 from storage.hashing import content_key, sha256_text
 from storage.schemas import to_table
 from storage.store import Store

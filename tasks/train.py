@@ -1,7 +1,7 @@
 """Train: read teacher samples (with their chunks) from the catalog and fit the hypernetwork.
 
 The task runs in the flow's process: training is one long unit of work whose resumability comes from the
-checkpoints (model/train_loop.py), not from shards.
+checkpoints (model/training/loop.py), not from shards.
 """
 
 from __future__ import annotations
@@ -15,7 +15,29 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.catalog import Catalog
 
-__all__ = ["TrainStageConfig", "read_training_rows", "train_hypernet", "run_dir"]
+__all__ = ["TrainStageConfig", "init_from_env", "launched", "read_training_rows", "run_dir", "shutdown",
+           "train_hypernet"]
+
+
+def launched() -> bool:
+    """True under a data-parallel launcher (torchrun / accelerate: WORLD_SIZE set)."""
+    from model.training.distributed import launched as _launched
+
+    return _launched()
+
+
+def init_from_env():
+    """Join the launcher's process group (gloo on CPU, NCCL on GPUs); the rank's view of it."""
+    from model.training.distributed import init_from_env as _init
+
+    return _init()
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    from model.training.distributed import shutdown as _shutdown
+
+    _shutdown()
 
 
 class TrainStageConfig(BaseModel):
@@ -24,8 +46,8 @@ class TrainStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("default", description="Run name: checkpoints go to <store>/hypernets/<name>/.")
-    hyper: dict[str, Any] = Field(default_factory=dict, description="HyperConfig fields (model/hyper_config.py).")
-    optim: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields (model/train_config.py).")
+    hyper: dict[str, Any] = Field(default_factory=dict, description="HyperConfig fields (model/hypernet/config.py).")
+    optim: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields (model/training/config.py).")
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Documents held out for evaluation (by doc_id hash).")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples (smoke runs).")
     resume: bool = Field(True, description="Continue from the newest checkpoint of this run name.")
@@ -62,9 +84,9 @@ def train_hypernet(store_root: str, model_dir: str | None, cfg: TrainStageConfig
     from transformers import AutoModelForCausalLM
 
     from model.base_models import load_tokenizer
-    from model.distributed import current as current_dist
-    from model.train_data import split_held_out
-    from model.train_loop import train
+    from model.training.distributed import current as current_dist
+    from model.training.data import split_held_out
+    from model.training.loop import train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

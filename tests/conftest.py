@@ -36,8 +36,8 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A small byte-level BPE tokenizer with a chat template, trained on the sample corpus and toy text."""
-    from model.tiny_tokenizer import build_bpe_tokenizer
-    from model.toy_world import generate
+    from benchmarks.tiny_tokenizer import build_bpe_tokenizer
+    from model.toy.world import generate
 
     texts = [p.read_text() for p in (REPO / "corpus" / "sample").rglob("*") if p.is_file()]
     texts += [d.text for d in generate(50, seed=7)]

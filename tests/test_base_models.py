@@ -253,7 +253,7 @@ def test_smollm2_tokenizer_has_working_chat_template(smollm2_dir):
 
 
 def test_load_tokenizer_requires_chat_template(tmp_path):
-    from model.tiny_tokenizer import build_bpe_tokenizer
+    from benchmarks.tiny_tokenizer import build_bpe_tokenizer
 
     folder = build_bpe_tokenizer(["some text to train on", "more text here"], tmp_path / "tok", vocab_size=300)
     assert load_tokenizer(folder).chat_template

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model.batched_lora import Adapter, LoRA, apply_adapter, concat_adapters, freeze, l1_penalty, merge_chunks
-from model.hyper_config import HyperConfig
+from model.hypernet.lora import Adapter, LoRA, apply_adapter, concat_adapters, freeze, l1_penalty, merge_chunks
+from model.hypernet.config import HyperConfig
 
 V = 40
 

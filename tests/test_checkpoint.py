@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model.batched_lora import freeze
-from model.checkpoint import UnsafeCheckpointError, load_checkpoint, load_hypernet, save_checkpoint
-from model.hyper_config import HyperConfig
-from model.hypernet import HyperNetwork
+from model.hypernet.lora import freeze
+from model.training.checkpoint import UnsafeCheckpointError, load_checkpoint, load_hypernet, save_checkpoint
+from model.hypernet.config import HyperConfig
+from model.hypernet.network import HyperNetwork
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import json
 import math
 import random
 import subprocess
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from model import toy_world
-from model.chunking import (
+from model.toy import world as toy_world
+from model.text.chunking import (
     ChunkConfig,
     chat_affixes,
     chunk_document,
@@ -25,7 +24,7 @@ from model.chunking import (
     tokenizer_fingerprint,
     wrap_as_user_turn,
 )
-from model.tiny_tokenizer import build_bpe_tokenizer
+from benchmarks.tiny_tokenizer import build_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,7 +311,7 @@ def test_fingerprint_is_content_based(tok, tiny_tok, smol_tok, tiny_dir):
 
 def test_fingerprint_is_stable_across_processes(tiny_dir, tiny_tok):
     code = (
-        "import sys; from transformers import AutoTokenizer; from model.chunking import tokenizer_fingerprint; "
+        "import sys; from transformers import AutoTokenizer; from model.text.chunking import tokenizer_fingerprint; "
         "print(tokenizer_fingerprint(AutoTokenizer.from_pretrained(sys.argv[1])))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345", HF_HUB_OFFLINE="1")

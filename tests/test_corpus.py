@@ -16,9 +16,12 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from model.toy_world import ToyWorldConfig, generate  # noqa: E402
+from model.toy.world import ToyWorldConfig, generate, synthetic_world  # noqa: E402
 from storage.corpus import IngestConfig, SourceUnit, doc_id_for, expand_sources, normalise_text, read_unit  # noqa: E402
 from storage.schemas import to_table  # noqa: E402
+from storage.synthetic import register_world  # noqa: E402
+
+register_world(synthetic_world())  # as tasks/ingest.py does
 
 CFG = IngestConfig()
 CZECH = ("P\u0159\u00edli\u0161 \u017elu\u0165ou\u010dk\u00fd k\u016f\u0148 \u00fap\u011bl \u010f\u00e1belsk\u00e9"

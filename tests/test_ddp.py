@@ -52,9 +52,9 @@ def child_main(tok_dir: str, out_dir: str, result: str, sleep: float) -> None:
     """Under torchrun: train the tiny config data-parallel; rank 0 saves the history and the weights."""
     from safetensors.torch import save_file
 
-    from model.distributed import init_from_env, shutdown
-    from model.train_config import TrainConfig
-    from model.train_loop import train
+    from model.training.distributed import init_from_env, shutdown
+    from model.training.config import TrainConfig
+    from model.training.loop import train
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -105,8 +105,8 @@ def _strip(history):
 @pytest.fixture(scope="module")
 def single_process(tiny_tokenizer_dir, tmp_path_factory):
     """The reference: the same config trained in one process (one thread, deterministic)."""
-    from model.train_config import TrainConfig
-    from model.train_loop import train
+    from model.training.config import TrainConfig
+    from model.training.loop import train
 
     model, tok, hyper, train_rows, eval_rows = _setup(str(tiny_tokenizer_dir))
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -125,11 +125,11 @@ def single_process(tiny_tokenizer_dir, tmp_path_factory):
 def test_rank_shares_partition_the_batch_and_add_up_to_its_loss_and_gradient(tiny_tokenizer_dir, world):
     """`shard_batch` gives every context (with all its rows and pieces) to exactly one rank, and the ranks'
     `shard_loss` values and gradients add up to the single-process ones (no process group needed)."""
-    from model import train_data as td
-    from model.context_encoder import ContextEncoder
-    from model.distributed import shard_batch, shard_loss
-    from model.hypernet import HyperNetwork
-    from model.train_loop import forward_loss
+    from model.training import data as td
+    from model.hypernet.encoder import ContextEncoder
+    from model.training.distributed import shard_batch, shard_loss
+    from model.hypernet.network import HyperNetwork
+    from model.training.loop import forward_loss
 
     model, tok, hyper, train_rows, _ = _setup(str(tiny_tokenizer_dir))
     hcfg = hyper.resolve(model)
@@ -204,7 +204,7 @@ def test_two_ranks_match_one_process(tiny_tokenizer_dir, tmp_path, single_proces
 def test_torchrun_killed_then_resumed_equals_uninterrupted(tiny_tokenizer_dir, tmp_path, single_process):
     import psutil
 
-    from model.train_loop import latest_checkpoint
+    from model.training.loop import latest_checkpoint
 
     out = tmp_path / "crashy"
     proc = torchrun(tiny_tokenizer_dir, out, tmp_path / "killed", sleep=0.5)

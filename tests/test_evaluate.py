@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.evaluation import (
-    EvalContext, EvalQuestion, EvalSettings, adapter_bytes, assign_cd_questions, evaluate_contexts, exact_match,
-    kv_cache_bytes, normalize_answer, plot_results, stack_adapters, teacher_kl, token_f1, topk_kl,
-)
+from model.evaluation.costs import adapter_bytes, kv_cache_bytes, stack_adapters
+
+from model.evaluation.metrics import exact_match, normalize_answer, teacher_kl, token_f1, topk_kl
+
+from model.evaluation.report import plot_results
+
+from model.evaluation.runner import EvalContext, EvalQuestion, EvalSettings, assign_cd_questions, evaluate_contexts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +72,7 @@ def test_kv_cache_and_adapter_bytes():
     assert kv_cache_bytes(cfg, 10, 4) == 2 * 3 * 2 * 16 * 10 * 4
     cfg.layer_types = ["conv", "full_attention", "conv"]  # LFM2-style: only attention layers keep a KV cache
     assert kv_cache_bytes(cfg, 10, 2) == 2 * 1 * 2 * 16 * 10 * 2
-    from model.batched_lora import Adapter, LoRA
+    from model.hypernet.lora import Adapter, LoRA
 
     a = Adapter({"m": LoRA(torch.ones(1, 4, 8), torch.ones(1, 6, 4))}, 2.0)
     b = Adapter({"m": LoRA(torch.ones(1, 8, 8), torch.ones(1, 6, 8))}, 1.0)
@@ -84,9 +87,9 @@ def test_kv_cache_and_adapter_bytes():
 def tiny_setup(tok_dir, n_docs: int = 6, questions: int = 4):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from model.batched_lora import freeze
-    from model.toy_world import generate
-    from model.train_data import teacher_rows_from_model
+    from model.hypernet.lora import freeze
+    from model.toy.world import generate
+    from model.training.data import teacher_rows_from_model
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     with torch.random.fork_rng(devices=[]):
@@ -104,8 +107,8 @@ def tiny_setup(tok_dir, n_docs: int = 6, questions: int = 4):
 
 
 def tiny_hypernet(model):
-    from model.hyper_config import HyperConfig
-    from model.hypernet import HyperNetwork
+    from model.hypernet.config import HyperConfig
+    from model.hypernet.network import HyperNetwork
 
     torch.manual_seed(1)
     net = HyperNetwork.for_model(HyperConfig(target_modules=["down_proj"], rank=4, latent_dim=32, latent_count=4,
@@ -127,7 +130,7 @@ def contexts_from(docs, rows, questions: int = 4):
 
 
 def test_cd_lowers_the_kl_on_its_document(tiny_tokenizer_dir):
-    from model.context_distill import CDConfig, cd_targets, train_cd
+    from model.evaluation.context_distill import CDConfig, cd_targets, train_cd
 
     model, tok, docs, rows = tiny_setup(tiny_tokenizer_dir, n_docs=1)
     net = tiny_hypernet(model)
@@ -157,7 +160,7 @@ def test_cd_questions_are_split_stably():
 
 
 def test_evaluate_contexts_rows_for_all_four_methods_report_and_png(tiny_tokenizer_dir, tmp_path):
-    from model.evaluation import markdown_table, method_table
+    from model.evaluation.report import markdown_table, method_table
     from storage.schemas import to_table
 
     model, tok, docs, rows = tiny_setup(tiny_tokenizer_dir, n_docs=4, questions=4)
@@ -207,8 +210,8 @@ def test_d2l_equals_no_doc_when_the_update_is_zero(tiny_tokenizer_dir):
 
 # ----------------------------------------------------------------------------------------------- long docs
 def test_long_and_needle_documents():
-    from model.long_docs import long_document, needle_document
-    from model.toy_world import ToyWorldConfig
+    from model.evaluation.long_docs import long_document, needle_document
+    from model.toy.world import ToyWorldConfig
 
     world = ToyWorldConfig()
     rng = random.Random(0)
@@ -253,7 +256,7 @@ def _write_store(store: Path, tok, docs, rows):
 def test_evaluate_flow_writes_eval_results_report_and_plot(prefect_server, tiny_tokenizer_dir, tmp_path):
     from flows.config import load_config
     from flows.evaluate import evaluate_flow
-    from model.train_loop import train
+    from model.training.loop import train
     from storage.catalog import Catalog
     from storage.sql import run_query
 
@@ -282,7 +285,7 @@ def test_evaluate_flow_writes_eval_results_report_and_plot(prefect_server, tiny_
     assert methods["teacher"] == methods["d2l"] == stats["contexts"] * 4
     assert run_query(cat, "SELECT count(*) FROM manifest WHERE stage = 'evaluate'")[1][0][0] == 1
     held = {r[0] for r in run_query(cat, "SELECT DISTINCT doc_id FROM eval_results")[1]}
-    from model.train_data import is_held_out
+    from model.training.data import is_held_out
 
     assert held and all(is_held_out(d, 0.5) for d in held)
     again = evaluate_flow(cfg, ecfg)  # nothing changed: no model work, same key

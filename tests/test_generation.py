@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from model.generation import Generation, Generator, SamplingConfig, make_generator
-from model.generation.openai_backend import backoff_delay, parse_completion
+from model.generation.openai_client import backoff_delay, parse_completion
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
-import pytest
 import torch
 
 from flows.config import load_config
 from flows.pipeline import pipeline_flow
-from model.chunking import wrap_as_user_turn
-from model.synthesis import document_and_question
+from model.text.chunking import wrap_as_user_turn
+from model.text.synthesis import document_and_question
 from storage.catalog import Catalog
 from storage.sql import run_query
 from tasks import generation as gen_module
@@ -114,7 +112,7 @@ def test_toy_synthesize_teacher_answers_gold_topk_matches_forward_pass(prefect_s
     em = sum(a.strip() == b.strip() for a, b in gold) / len(gold)
     assert len(gold) == 48 and em >= 0.9, em
 
-    from model.toy_model import toy_prompt
+    from model.toy.model import toy_prompt
 
     assert document_and_question("the color of zorb is red .", "what is the color of zorb ?") == \
         toy_prompt("the color of zorb is red .", "what is the color of zorb ?")  # the prompt the toy learned

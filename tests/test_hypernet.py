@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model.batched_lora import apply_adapter, freeze, merge_chunks
-from model.context_encoder import encode_context
-from model.distill_loss import collate_samples, distill_loss, topk_token_loss
-from model.hyper_config import HyperConfig, pattern_matches
-from model.hypernet import HyperNetwork
+from model.hypernet.lora import apply_adapter, freeze, merge_chunks
+from model.hypernet.encoder import encode_context
+from model.training.loss import collate_samples, distill_loss, topk_token_loss
+from model.hypernet.config import HyperConfig, pattern_matches
+from model.hypernet.network import HyperNetwork
 
 V = 48
 
@@ -183,7 +183,7 @@ def test_loss_decreases_when_training_the_hypernetwork():
 def test_feature_positions_count_real_tokens_only():
     """With sinusoidal feature positions, a chunk's adapter does not depend on how much padding sits after it,
     and it differs from the content-only hypernetwork's (the positions reach the adapter)."""
-    from model.hypernet import sinusoidal_positions
+    from model.hypernet.network import sinusoidal_positions
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     pe = sinusoidal_positions(mask, 8)

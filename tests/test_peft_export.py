@@ -11,11 +11,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from model.batched_lora import Adapter, LoRA, apply_adapter, concat_adapters, freeze
-from model.hyper_config import HyperConfig
-from model.hypernet import HyperNetwork
-from model.internalize import chunk_document, internalize
-from model.peft_export import export_peft
+from model.hypernet.lora import Adapter, LoRA, apply_adapter, concat_adapters, freeze
+from model.hypernet.config import HyperConfig
+from model.hypernet.network import HyperNetwork
+from model.hypernet.internalize import chunk_document, internalize
+from model.hypernet.peft_export import export_peft
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"]
 WORDS = SPECIALS + [f"w{i}" for i in range(35)]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.topk_codec import (
+from benchmarks.topk_codec import (
     PRECISIONS,
     TopKFormat,
     decode_topk,

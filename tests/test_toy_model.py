@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from model.toy_model import (
+from model.toy.model import (
     REPORT_FILE,
     ToyTrainConfig,
     build_toy_model,
@@ -20,8 +20,8 @@ from model.toy_model import (
     register,
     toy_prompt,
 )
-from model.toy_tokenizer import ASSISTANT, BLANK_LINE, build_toy_tokenizer
-from model.toy_world import RELATIONS, ToyWorldConfig, entity_names, generate, vocabulary
+from model.toy.tokenizer import ASSISTANT, BLANK_LINE, build_toy_tokenizer
+from model.toy.world import RELATIONS, ToyWorldConfig, entity_names, generate, vocabulary
 
 # Small enough to train in ~10 s on one core: 8 entity names, 2 entities x 2 relations a document, d=64.
 SMOKE_WORLD = ToyWorldConfig(pool=8, entities_per_doc=2)
@@ -143,7 +143,7 @@ def test_evaluate_from_disk_matches_report(smoke_model):
 
 
 def test_build_is_deterministic_in_its_weights(tmp_path):
-    from model.toy_model import make_model
+    from model.toy.model import make_model
 
     tok = build_toy_tokenizer(None, SMOKE_WORLD)
     a, b = make_model(SMOKE, tok), make_model(SMOKE, tok)
@@ -161,7 +161,7 @@ def test_existing_folder_is_not_overwritten(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    import model.toy_model as tm
+    import model.toy.model as tm
 
     def boom(*a, **k):
         raise RuntimeError("boom")

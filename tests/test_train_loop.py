@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import UnsafeCheckpointError, load_hypernet
-from model.hyper_config import HyperConfig
-from model.train_config import TrainConfig
-from model.train_data import (
+from model.training.checkpoint import UnsafeCheckpointError, load_hypernet
+from model.hypernet.config import HyperConfig
+from model.training.config import TrainConfig
+from model.training.data import (
     DataOrder, build_batch, draw_chunk_counts, epoch_batches, split_context, split_held_out,
     teacher_rows_from_model,
 )
-from model.train_loop import latest_checkpoint, lr_factor, train
+from model.training.loop import latest_checkpoint, lr_factor, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -49,8 +49,8 @@ def tiny_setup(tok_dir, n_docs: int = 24, questions: int = 4):
     the teacher sees the toy document in its prompt, the student only the question."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from model.batched_lora import freeze
-    from model.toy_world import generate
+    from model.hypernet.lora import freeze
+    from model.toy.world import generate
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     with torch.random.fork_rng(devices=[]):
@@ -242,11 +242,11 @@ def test_checkpoint_with_a_pickle_is_refused(tiny_tokenizer_dir, tmp_path):
 def test_compact_logits_give_the_full_loss(toy, arch):
     from transformers import Lfm2Config, Lfm2ForCausalLM
 
-    from model.batched_lora import freeze
-    from model.context_encoder import ContextEncoder
-    from model.hypernet import HyperNetwork
-    from model.train_data import affixes
-    from model.train_loop import compact_logits_agree, forward_loss
+    from model.hypernet.lora import freeze
+    from model.hypernet.encoder import ContextEncoder
+    from model.hypernet.network import HyperNetwork
+    from model.training.data import affixes
+    from model.training.loop import compact_logits_agree, forward_loss
 
     model, tok, rows = toy
     patterns = ["down_proj", "up_proj"]

@@ -20,16 +20,15 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from fault_proxy import FaultProxy, always, cycle, per_item
 from flows.config import PipelineConfig
 from flows.pipeline import pipeline_flow
-from model.chunking import wrap_as_user_turn
+from model.text.chunking import wrap_as_user_turn
 from model.generation import SamplingConfig, make_generator
-from model.synthesis import document_and_question
+from model.text.synthesis import document_and_question
 from storage.catalog import Catalog
 from storage.sql import run_query
 from tasks.generation import BackendConfig, generator_identity

@@ -24,9 +24,9 @@ def make_generator(backend: str, model: Any, **options: Any) -> Generator:
 
     ``model``: a local model folder (transformers, vllm; transformers also takes a loaded model), or the
     served model name (openai). ``options`` go to the backend's constructor: see
-    :class:`~model.generation.hf_backend.TransformersGenerator`,
-    :class:`~model.generation.openai_backend.OpenAIGenerator`,
-    :class:`~model.generation.vllm_backend.VLLMGenerator`.
+    :class:`~model.generation.hf.TransformersGenerator`,
+    :class:`~model.generation.openai_client.OpenAIGenerator`,
+    :class:`~model.generation.vllm_engine.VLLMGenerator`.
     """
     name = (backend or "transformers").strip().lower()
     if name in ("transformers", "hf", "huggingface"):

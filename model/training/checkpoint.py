@@ -232,8 +232,8 @@ def load_checkpoint(
 
 def load_hypernet(folder: str | Path, map_location: str | torch.device = "cpu"):
     """A HyperNetwork rebuilt from a checkpoint's hyper_config.json and model.safetensors."""
-    from model.hyper_config import HyperConfig
-    from model.hypernet import HyperNetwork
+    from model.hypernet.config import HyperConfig
+    from model.hypernet.network import HyperNetwork
 
     folder = Path(folder)
     refuse_pickle(folder)

@@ -3,7 +3,7 @@
 An ``Adapter`` maps full module paths (``model.layers.3.mlp.down_proj``) to a ``LoRA`` pair
 ``A [batch, R, in]``, ``B [batch, out, R]``; row ``i`` of the batch is sample ``i``'s adapter. It adds
 ``alpha * x @ A_i^T @ B_i^T`` to that Linear's output for sample ``i`` (``delta_W = alpha * B @ A``: alpha
-is a direct scale, never divided by R, see ``model/hyper_config.py``). R may differ between modules.
+is a direct scale, never divided by R, see ``model/hypernet/config.py``). R may differ between modules.
 
 Chunks: ``concat_adapters`` concatenates adapters along the rank, so the update is the sum of theirs;
 ``merge_chunks`` groups per-chunk adapters by document, "concat" (sum, the reference) or "mean" (each chunk's

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from model.batched_lora import Adapter
-from model.checkpoint import atomic_folder_write
+from model.hypernet.lora import Adapter
+from model.training.checkpoint import atomic_folder_write
 
 
 def _target_modules(names: list[str], base_model: nn.Module) -> list[str]:

@@ -17,8 +17,8 @@ _NUMBERED = re.compile(r"^\s*(?:\(?\d{1,3}[.):]|[-*\u2022]|Q\d*[:.])\s*")
 
 
 def prompt_template(round_no: int, version: str = PROMPT_VERSION) -> str:
-    """The template text of round 1 or 2 for a prompt version (files in model/prompts/)."""
-    return resources.files("model").joinpath("prompts", f"questions_round{round_no}_{version}.txt").read_text()
+    """The template text of round 1 or 2 for a prompt version (files in model/text/prompts/)."""
+    return resources.files("model.text").joinpath("prompts", f"questions_round{round_no}_{version}.txt").read_text()
 
 
 def render_prompt(round_no: int, text: str, n: int, previous: list[str] | None = None,

@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import random
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from model.evaluation import (
-    EvalContext, EvalQuestion, _row, adapter_bytes, exact_match, greedy_answers, kv_cache_bytes, param_bytes,
-    stack_adapters,
-)
-from model.toy_world import (
+from model.evaluation.costs import adapter_bytes, kv_cache_bytes, param_bytes, stack_adapters
+
+from model.evaluation.runner import EvalContext, EvalQuestion, result_row
+
+from model.generation.decode import greedy_answers
+from model.toy.world import (
     RELATIONS, ToyDocument, ToyWorldConfig, entity_names, fact_sentence, make_document, question_for,
 )
 
-LONG_METHODS = ("teacher", "no_doc", "d2l_concat", "d2l_mean", "d2l_whole")
 
 
 def facts_per_doc(world: ToyWorldConfig) -> int:
@@ -90,14 +89,14 @@ def needle_document(rng: random.Random, world: ToyWorldConfig, factor: int, dept
 
 def trained_chunk_tokens(tokenizer, world: ToyWorldConfig, seed: int = 0) -> int:
     """Wrapped tokens (chat affixes included) of the longest of a few trained-length documents."""
-    from model.chunking import wrap_as_user_turn
+    from model.text.chunking import wrap_as_user_turn
 
     rng = random.Random(seed)
     return max(len(wrap_as_user_turn(tokenizer, make_document(rng, world).text)) for _ in range(16))
 
 
 def _adapters(base_model, tokenizer, hypernet, texts: Sequence[str], chunk_max_tokens: int | None, merge: str):
-    from model.internalize import internalize
+    from model.hypernet.internalize import internalize
 
     ads, secs = [], []
     for t in texts:
@@ -110,8 +109,8 @@ def _adapters(base_model, tokenizer, hypernet, texts: Sequence[str], chunk_max_t
 def _run_suite(base_model, tokenizer, hypernet, contexts: list[EvalContext], chunk_tokens: int,
                methods: Sequence[str], run_id: str, batch_size: int, max_new_tokens: int,
                extra_meta: list[dict]) -> list[dict[str, Any]]:
-    from model.chunking import wrap_as_user_turn
-    from model.train_data import default_prompt
+    from model.text.chunking import wrap_as_user_turn
+    from model.training.data import default_prompt
 
     nbytes = param_bytes(base_model)
     flat = [(c, q) for c, ctx in enumerate(contexts) for q in ctx.questions]
@@ -122,12 +121,12 @@ def _run_suite(base_model, tokenizer, hypernet, contexts: list[EvalContext], chu
     rows = []
     if "teacher" in methods:
         for i, (c, q) in enumerate(flat):
-            rows.append(_row(run_id, contexts[c], q, "teacher", teacher[i], teacher[i], None, ctx_tokens[c], None,
+            rows.append(result_row(run_id, contexts[c], q, "teacher", teacher[i], teacher[i], None, ctx_tokens[c], None,
                              kv_cache_bytes=kv_cache_bytes(base_model.config, ctx_tokens[c], nbytes), **extra_meta[c]))
     if "no_doc" in methods:
         ans = greedy_answers(base_model, tokenizer, student, max_new_tokens, batch_size)
         for i, (c, q) in enumerate(flat):
-            rows.append(_row(run_id, contexts[c], q, "no_doc", ans[i]["text"], teacher[i], None, ctx_tokens[c], None,
+            rows.append(result_row(run_id, contexts[c], q, "no_doc", ans[i]["text"], teacher[i], None, ctx_tokens[c], None,
                              **extra_meta[c]))
     variants = {"d2l_concat": (chunk_tokens, "concat"), "d2l_mean": (chunk_tokens, "mean"), "d2l_whole": (None, "concat")}
     for method, (chunk_max, merge) in variants.items():
@@ -139,7 +138,7 @@ def _run_suite(base_model, tokenizer, hypernet, contexts: list[EvalContext], chu
         r = hypernet.config.rank
         for i, (c, q) in enumerate(flat):
             chunks = ads[c].ranks()[next(iter(ads[c].loras))] // r - 1
-            rows.append(_row(run_id, contexts[c], q, method, ans[i]["text"], teacher[i], None, ctx_tokens[c], secs[c],
+            rows.append(result_row(run_id, contexts[c], q, method, ans[i]["text"], teacher[i], None, ctx_tokens[c], secs[c],
                              merge=merge, chunks=chunks, adapter_bytes=adapter_bytes(ads[c], nbytes), **extra_meta[c]))
     return rows
 
@@ -191,56 +190,4 @@ def needle_test(
                       max_new_tokens, meta)
 
 
-def _meta(row) -> dict:
-    from model.evaluation import _meta_of
-
-    return _meta_of(row)
-
-
-def long_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``curves``: method -> {length factor: exact match} (suite "long"); ``needle``: method -> {depth: EM}."""
-    acc: dict[tuple, list[float]] = defaultdict(list)
-    needle: dict[tuple, list[float]] = defaultdict(list)
-    for r in rows:
-        m = _meta(r)
-        if r.get("exact_match") is None:
-            continue
-        if m.get("suite") == "long":
-            acc[(r["method"], m["length_factor"])].append(r["exact_match"])
-        elif m.get("suite") == "needle":
-            needle[(r["method"], m["depth"])].append(r["exact_match"])
-    order = {m: i for i, m in enumerate(LONG_METHODS)}
-    curves: dict[str, dict[str, float]] = defaultdict(dict)
-    for (method, f), v in sorted(acc.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
-        curves[method][str(f)] = sum(v) / len(v)
-    hay: dict[str, dict[str, float]] = defaultdict(dict)
-    for (method, d), v in sorted(needle.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
-        hay[method][f"{d:g}"] = sum(v) / len(v)
-    factor = next((_meta(r)["length_factor"] for r in rows if _meta(r).get("suite") == "needle"), None)
-    return {"curves": dict(curves), "needle": dict(hay), "needle_factor": factor}
-
-
-def long_table(summary: dict[str, Any]) -> list[dict[str, str]]:
-    """Rows: one per method, columns per length factor (exact match), then the 4x/1x ratio."""
-    curves = summary.get("curves", {})
-    factors = sorted({f for pts in curves.values() for f in pts}, key=float)
-    out = []
-    for method, pts in curves.items():
-        row = {"method": method}
-        for f in factors:
-            row[f"{f}x"] = f"{pts[f]:.3f}" if f in pts else "-"
-        base, four = pts.get("1"), pts.get("4")
-        row["4x / 1x"] = f"{four / base:.3f}" if base and four is not None else "-"
-        out.append(row)
-    return out
-
-
-def needle_table(summary: dict[str, Any]) -> list[dict[str, str]]:
-    hay = summary.get("needle", {})
-    depths = sorted({d for pts in hay.values() for d in pts}, key=float)
-    return [{"method": m, **{f"depth {d}": f"{pts[d]:.3f}" if d in pts else "-" for d in depths}}
-            for m, pts in hay.items()]
-
-
-__all__ = ["LONG_METHODS", "evaluate_long", "long_document", "long_summary", "long_table", "needle_document",
-           "needle_table", "needle_test", "trained_chunk_tokens"]
+__all__ = ["evaluate_long", "long_document", "needle_document", "needle_test", "trained_chunk_tokens"]

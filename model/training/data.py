@@ -10,10 +10,10 @@ teacher saw, either
 - ``context_ids``: the token ids of the chunk's text WITHOUT the chat-template affixes (preferred: exactly
   the tokens, no re-tokenisation), or
 - ``context_text``: the chunk's text, tokenised here once (special-token strings as plain text, as
-  ``model/chunking.py`` does).
+  ``model/text/chunking.py`` does).
 
 The loop wraps every piece in the user-turn affixes itself (``chat_affixes``), so a context can be split
-into pieces that each get the affixes again, as at use time (``model/internalize.py``).
+into pieces that each get the affixes again, as at use time (``model/hypernet/internalize.py``).
 
 Determinism
 -----------
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.distill_loss import collate_samples
+from model.training.loss import collate_samples
 
 STREAM_TRAIN, STREAM_CHUNKS, STREAM_EVAL = 1, 2, 3
 HELD_OUT_SALT = "doc2lora-heldout-v1"
@@ -52,7 +52,7 @@ def plain_tokens(tokenizer, text: str) -> list[int]:
 
 def affixes(tokenizer) -> tuple[list[int], list[int]]:
     """The user-turn prefix and suffix (with the generation prompt) that wrap every context piece."""
-    from model.chunking import chat_affixes
+    from model.text.chunking import chat_affixes
 
     prefix, suffix = chat_affixes(tokenizer)
     return list(prefix), list(suffix)
@@ -283,8 +283,8 @@ def teacher_rows_from_model(
     store them when `fp16`) and ``context_ids`` (the context's tokens, unwrapped). For tests and benchmarks;
     the pipeline's teacher stage writes the same columns.
     """
-    from model.chunking import wrap_as_user_turn
-    from model.context_encoder import pad_right
+    from model.text.chunking import wrap_as_user_turn
+    from model.hypernet.encoder import pad_right
 
     device = next(base_model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.batched_lora import Adapter, LoRA
-from model.hyper_config import HyperConfig
+from model.hypernet.lora import Adapter, LoRA
+from model.hypernet.config import HyperConfig
 
 
 def sinusoidal_positions(mask: Tensor, d: int) -> Tensor:

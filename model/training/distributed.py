@@ -9,7 +9,7 @@ Launch (see docs/scaling.md)::
 Both launchers set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `init_from_env` joins the
 process group (NCCL when CUDA is available, else gloo; `D2L_DIST_BACKEND` overrides).
 
-What every rank does (``model/train_loop.py`` with a ``DistContext``):
+What every rank does (``model/training/loop.py`` with a ``DistContext``):
 
 - it builds the SAME global micro-batch as a single process would (the data order and chunk draws are pure
   functions of the seed and the micro-batch index), then keeps its share of it (``shard_batch``): whole
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from model.distill_loss import LossParts
+from model.training.loss import LossParts
 
 __all__ = ["DistContext", "Shard", "all_reduce_step", "current", "init_from_env", "launched", "rows_digest",
            "shard_batch", "shard_loss", "shutdown"]
@@ -153,7 +153,7 @@ def rows_digest(rows: Sequence[Mapping[str, Any]]) -> str:
 class Shard:
     """One rank's part of a global micro-batch and the weights that make its loss its exact share."""
 
-    tb: Any  # model.train_data.TrainBatch of the rank's rows and their contexts' pieces
+    tb: Any  # model.training.data.TrainBatch of the rank's rows and their contexts' pieces
     row_weight: Tensor  # [rows] weight of each row's per-answer loss
     l1_share: float  # the rank's pieces / all pieces of the micro-batch
 
@@ -192,7 +192,7 @@ def _select_batch(batch: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
 
 def shard_batch(tb: Any, rank: int, world_size: int) -> Shard | None:
     """This rank's share of a global micro-batch (None when it gets no context this time)."""
-    from model.train_data import TrainBatch
+    from model.training.data import TrainBatch
 
     b = tb.batch
     row_context = tb.row_context.tolist()

@@ -93,3 +93,37 @@ def vocabulary(cfg: ToyWorldConfig | None = None) -> list[str]:
         words.update(values)
     words.update(entity_names(cfg.pool, cfg.name_seed))
     return sorted(words)
+
+
+def max_pool() -> int:
+    """How many distinct entity names the world can make."""
+    return len(_ONSETS) * len(_VOWELS) ** 2 * len(_CODAS)
+
+
+SYNTHETIC_DEFAULTS = {"n": 100, "seed": 0, "entities": 4, "relations": 2, "pool": 32, "name_seed": 1234}
+
+
+def _check_spec(p: dict[str, int]) -> str:
+    """'' when synthetic://facts parameters make a world, else the problem."""
+    return ("n must be at least 1" if p["n"] < 1 else
+            f"relations must be 1..{len(RELATIONS)}" if not 1 <= p["relations"] <= len(RELATIONS) else
+            f"pool must be 1..{max_pool()}" if not 1 <= p["pool"] <= max_pool() else
+            "entities must be 1..pool" if not 1 <= p["entities"] <= p["pool"] else "")
+
+
+def _spec_documents(p: dict[str, int]):
+    """The documents of a checked synthetic://facts spec, as storage's SyntheticDocument."""
+    from storage.synthetic import SyntheticDocument
+
+    world = ToyWorldConfig(pool=p["pool"], entities_per_doc=p["entities"], relations_per_entity=p["relations"],
+                           name_seed=p["name_seed"])
+    for doc in generate(p["n"], p["seed"], world):
+        yield SyntheticDocument(doc.text, gold_qa=doc.qa, meta={"facts": [list(f) for f in doc.facts]})
+
+
+def synthetic_world():
+    """The toy world as the `synthetic://facts?n=..&seed=..&entities=..&relations=..&pool=..&name_seed=..`
+    source of the ingest stage."""
+    from storage.synthetic import SyntheticWorld
+
+    return SyntheticWorld("facts", dict(SYNTHETIC_DEFAULTS), _check_spec, _spec_documents)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.batched_lora import Adapter, LoRA, apply_adapter, freeze
-from model.distill_loss import collate_samples, distill_loss
+from model.hypernet.lora import Adapter, LoRA, apply_adapter, freeze
+from model.training.loss import collate_samples, distill_loss
 
 
 @dataclass
@@ -97,7 +97,7 @@ def train_cd(
     compact: bool = True,
 ) -> CDResult:
     """Fit a fresh LoRA to one document's teacher rows (``samples`` columns); timed end to end."""
-    from model.train_loop import student_logits
+    from model.training.loop import student_logits
 
     cfg = cfg or CDConfig()
     if not rows:

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.toy_tokenizer import ASSISTANT, build_toy_tokenizer
-from model.toy_world import ToyDocument, ToyWorldConfig, generate, make_document
+from model.toy.tokenizer import ASSISTANT, build_toy_tokenizer
+from model.toy.world import ToyDocument, ToyWorldConfig, generate, make_document
 
 REPORT_FILE = "doc2lora.json"
 REPORT_KIND = "doc2lora-toy-model"
@@ -354,7 +354,7 @@ def read_report(model_dir: Path | str) -> dict[str, Any] | None:
     return json.loads(p.read_text())
 
 
-def _world_of(model_dir: Path | str) -> ToyWorldConfig:
+def world_of(model_dir: Path | str) -> ToyWorldConfig:
     report = read_report(model_dir) or {}
     world = (report.get("config") or {}).get("world")
     return ToyWorldConfig(**world) if world else ToyWorldConfig()
@@ -375,7 +375,7 @@ def evaluate_toy_model(
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    world = world or _world_of(model_dir)
+    world = world or world_of(model_dir)
     return _exact_match(model, tokenizer, generate(n_docs, seed=seed, cfg=world), with_doc)
 
 

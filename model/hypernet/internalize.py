@@ -1,6 +1,6 @@
 """Document in, adapter out: chunk, encode, generate one LoRA per chunk, merge along the rank, add the bias.
 
-Chunking is the chunk stage's own (``model/chunking.py``), so a document is fed to the hypernetwork exactly
+Chunking is the chunk stage's own (``model/text/chunking.py``), so a document is fed to the hypernetwork exactly
 as training documents are: equal token chunks (the reference's scheme), each wrapped again in the chat
 template's user-turn affixes, ``chunk_max_tokens`` bounding each *wrapped* chunk (affixes included).
 The chunk adapters are merged with ``merge`` ("concat": the updates add up, as in the reference; "mean":
@@ -14,15 +14,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model.batched_lora import Adapter, cat_batch, merge_chunks
-from model.context_encoder import ContextEncoder
-from model.hypernet import HyperNetwork
+from model.hypernet.lora import Adapter, cat_batch, merge_chunks
+from model.hypernet.encoder import ContextEncoder
+from model.hypernet.network import HyperNetwork
 
 
 def chunk_document(tokenizer, document: str, chunk_max_tokens: int | None = None) -> list[list[int]]:
     """Wrapped token ids of each chunk of `document` (one chunk when `chunk_max_tokens` is None)."""
-    from model.chunking import ChunkConfig, wrap_as_user_turn
-    from model.chunking import chunk_document as chunk_rows
+    from model.text.chunking import ChunkConfig, wrap_as_user_turn
+    from model.text.chunking import chunk_document as chunk_rows
 
     if chunk_max_tokens is None:
         texts = [document]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.toy_world import ToyWorldConfig, vocabulary
+from model.toy.world import ToyWorldConfig, vocabulary
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.batched_lora import Adapter, l1_penalty
+from model.hypernet.lora import Adapter, l1_penalty
 
 
 def collate_samples(rows: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:

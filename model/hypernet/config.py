@@ -4,7 +4,7 @@ Scale convention (as in the reference, ctx_to_lora): the update a LoRA adds to a
 ``delta_W = alpha * B @ A`` -- ``alpha`` multiplies the update directly, it is NOT divided by the rank.
 So concatenating chunk LoRAs along the rank sums their updates, whatever the total rank. The reference's
 default is ``alpha = 2 * r ** 1.5`` (~45.25 for r = 8); ``alpha=None`` here picks the same default.
-PEFT export converts it (PEFT scales by ``lora_alpha / r``): see ``model/peft_export.py``.
+PEFT export converts it (PEFT scales by ``lora_alpha / r``): see ``model/hypernet/peft_export.py``.
 
 Targets are named by patterns matched against each decoder layer's module paths relative to the layer
 (``mlp.down_proj`` in Llama, ``feed_forward.w2`` / ``conv.out_proj`` in LFM2). A pattern matches a path when

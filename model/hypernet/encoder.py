@@ -5,7 +5,7 @@ the output of block ``l-1`` otherwise; the same tensors as ``output_hidden_state
 capture them with forward pre-hooks on the blocks and stop the forward pass right after the last block we
 need, so no later block and no LM head (vocab-sized logits) is computed.
 
-Texts are wrapped as the reference does (and exactly as the chunk stage does, ``model/chunking.py``):
+Texts are wrapped as the reference does (and exactly as the chunk stage does, ``model/text/chunking.py``):
 the chat template's user turn around the text, plus the generation prompt.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from model.hyper_config import find_layers
+from model.hypernet.config import find_layers
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -108,6 +108,6 @@ class ContextEncoder:
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Features and mask for chunk texts, each wrapped as a user turn."""
-        from model.chunking import wrap_as_user_turn
+        from model.text.chunking import wrap_as_user_turn
 
         return self.encode_ids([wrap_as_user_turn(self.tokenizer, t) for t in texts])

@@ -3,7 +3,7 @@
 One optimizer step = ``grad_accum`` micro-batches. For each micro-batch:
 
 1. the rows' contexts are split into their drawn number of pieces (``TrainConfig.chunk_dist``), each
-   piece wrapped in the user-turn affixes (``model/train_data.py``);
+   piece wrapped in the user-turn affixes (``model/training/data.py``);
 2. the frozen base model encodes the pieces (``ContextEncoder``, no grad); the hypernetwork writes one
    LoRA per piece; ``merge_chunks`` concatenates each context's piece LoRAs (``merge``: "concat" sums the
    updates, "mean" scales each by 1/n) and appends the bias LoRA;
@@ -18,7 +18,7 @@ Files under ``out_dir``::
 
     train_config.json, hyper_config.json
     metrics.jsonl                       one JSON row per logged step / evaluation
-    checkpoints/step-00000120/          model/optimizer/scheduler/RNG state (model/checkpoint.py:
+    checkpoints/step-00000120/          model/optimizer/scheduler/RNG state (model/training/checkpoint.py:
                                         safetensors + JSON, never pickle); loadable by load_hypernet()
     checkpoints/latest                  the name of the newest complete checkpoint folder
 
@@ -44,16 +44,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model import train_data as td
-from model.batched_lora import apply_adapter, freeze, merge_chunks
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.context_encoder import ContextEncoder
-from model.distributed import DistContext, all_reduce_step, rows_digest, shard_batch, shard_loss
-from model.distributed import current as current_dist
-from model.distill_loss import LossParts, answer_logits, distill_loss
-from model.hyper_config import HyperConfig
-from model.hypernet import HyperNetwork
-from model.train_config import TrainConfig
+from model.training import data as td
+from model.hypernet.lora import apply_adapter, freeze, merge_chunks
+from model.training.checkpoint import load_checkpoint, save_checkpoint
+from model.hypernet.encoder import ContextEncoder
+from model.training.distributed import DistContext, all_reduce_step, rows_digest, shard_batch, shard_loss
+from model.training.distributed import current as current_dist
+from model.training.loss import LossParts, answer_logits, distill_loss
+from model.hypernet.config import HyperConfig
+from model.hypernet.network import HyperNetwork
+from model.training.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -310,7 +310,7 @@ def train(
 ) -> dict[str, Any]:
     """Train a hypernetwork for `base_model` on teacher rows; returns a summary dict.
 
-    `train_rows` / `eval_rows`: see ``model/train_data.py`` (``samples`` columns + ``context_ids`` or
+    `train_rows` / `eval_rows`: see ``model/training/data.py`` (``samples`` columns + ``context_ids`` or
     ``context_text``). ``resume=True`` continues from the newest checkpoint under `out_dir` (exactly; the
     configs must match the saved ones), ``resume=False`` deletes previous checkpoints and metrics there.
     `on_metrics(row)` gets every metrics row produced by this call (``kind`` "train" or "eval").
@@ -319,7 +319,7 @@ def train(
     rows of the run, including those before a resume), "final_eval", "resumed_from" (step or None),
     "hypernet" (the trained HyperNetwork, on the base model's device), "out_dir"}``.
 
-    Data-parallel (``model/distributed.py``; `dist` defaults to the process group this process joined, if
+    Data-parallel (``model/training/distributed.py``; `dist` defaults to the process group this process joined, if
     any): every rank trains on its share of each global micro-batch, gradients are summed across ranks, and
     only rank 0 evaluates and writes files or calls `on_metrics`; the result equals single-process training
     up to float rounding.
