@@ -30,15 +30,15 @@ def make_generator(backend: str, model: Any, **options: Any) -> Generator:
     """
     name = (backend or "transformers").strip().lower()
     if name in ("transformers", "hf", "huggingface"):
-        from .hf_backend import TransformersGenerator
+        from .hf import TransformersGenerator
 
         return TransformersGenerator(model, **options)
     if name == "openai":
-        from .openai_backend import OpenAIGenerator
+        from .openai_client import OpenAIGenerator
 
         return OpenAIGenerator(model, **options)
     if name == "vllm":
-        from .vllm_backend import VLLMGenerator
+        from .vllm_engine import VLLMGenerator
 
         return VLLMGenerator(model, **options)
     raise ValueError(f"unknown generation backend {backend!r}; one of {', '.join(BACKENDS)}")
