@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.text.chunking import wrap_as_user_turn
 from model.generation import SamplingConfig
-from model.text.synthesis import document_and_question
+from model.text.turns import teacher_prompt
+from model.samples import sample_row
 from storage.hashing import content_key, sha256_text
 from storage.schemas import to_table
 from storage.store import Store
@@ -42,15 +42,12 @@ def teacher_key(questions_key: str, chunks_key: str, teacher_id: str, cfg: Teach
     return content_key("teacher", TEACHER_VERSION, settings, [questions_key, chunks_key, teacher_id])
 
 
-def sample_row(q: dict, teacher_id: str, student_prefix: list[int], out: Any, k: int) -> dict:
+def teacher_sample(q: dict, teacher_id: str, student_prefix: list[int], out: Any, k: int) -> dict:
     """One `samples` row from a finished generation."""
-    ids = np.asarray(out.topk_ids, dtype=np.int32).reshape(-1, k)
-    lps = np.asarray(out.topk_logprobs, dtype=np.float32).reshape(-1, k)
-    return {"sample_id": sha256_text(f"{q['question_id']}|{teacher_id}")[:32], "question_id": q["question_id"],
-            "chunk_id": q["chunk_id"], "doc_id": q["doc_id"], "teacher": teacher_id, "answer": out.text,
-            "student_ids": student_prefix + list(out.token_ids), "answer_start": len(student_prefix),
-            "n_answer_tokens": len(out.token_ids), "topk": k, "topk_ids": ids.ravel().tolist(),
-            "topk_logprobs": lps.astype(np.float16).ravel().tolist()}
+    return sample_row(sample_id=sha256_text(f"{q['question_id']}|{teacher_id}")[:32], doc_id=q["doc_id"],
+                      chunk_id=q["chunk_id"], student_prefix=student_prefix, answer_ids=out.token_ids,
+                      topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, k=k,
+                      question_id=q["question_id"], teacher=teacher_id, answer=out.text)
 
 
 @task(name="teacher-unit", task_run_name="teacher {key}")
@@ -64,7 +61,7 @@ def teacher_unit(store_root: str, questions_path: str, chunks_path: str, model_d
     rejects: list[dict] = []
     if questions:
         gen = get_generator(cfg.generator, model_dir)
-        prompts = [wrap_as_user_turn(tok, document_and_question(chunk_text[q["chunk_id"]], q["question"]))
+        prompts = [wrap_as_user_turn(tok, teacher_prompt(chunk_text[q["chunk_id"]], q["question"]))
                    for q in questions]
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, topk_logprobs=cfg.topk)
         for q, out in zip(questions, gen.generate(prompts, sampling, progress=progress)):
@@ -75,7 +72,7 @@ def teacher_unit(store_root: str, questions_path: str, chunks_path: str, model_d
             elif not out.token_ids or out.topk_ids is None:
                 reason, detail = "empty_answer", "the teacher produced no tokens"
             else:
-                rows.append(sample_row(q, teacher_id, wrap_as_user_turn(tok, q["question"]), out, cfg.topk))
+                rows.append(teacher_sample(q, teacher_id, wrap_as_user_turn(tok, q["question"]), out, cfg.topk))
                 continue
             rejects.append({"stage": "teacher", "source": q["chunk_id"], "item": q["question_id"],
                             "reason": reason, "detail": detail})

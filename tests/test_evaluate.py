@@ -89,7 +89,7 @@ def tiny_setup(tok_dir, n_docs: int = 6, questions: int = 4):
 
     from model.hypernet.lora import freeze
     from model.toy.world import generate
-    from model.training.data import teacher_rows_from_model
+    from benchmarks.teacher_rows import teacher_rows_from_model
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     with torch.random.fork_rng(devices=[]):

@@ -8,7 +8,7 @@ import torch
 from flows.config import load_config
 from flows.pipeline import pipeline_flow
 from model.text.chunking import wrap_as_user_turn
-from model.text.synthesis import document_and_question
+from model.text.turns import teacher_prompt
 from storage.catalog import Catalog
 from storage.sql import run_query
 from tasks import generation as gen_module
@@ -43,7 +43,7 @@ def worst_topk_vs_forward_pass(cat, model_dir, where: str = "", limit: int = 3) 
         answer = student_ids[start:]
         assert len(answer) == n
         assert student_ids[:start] == wrap_as_user_turn(tok, question)  # student sees the question only
-        prompt = wrap_as_user_turn(tok, document_and_question(chunk, question))
+        prompt = wrap_as_user_turn(tok, teacher_prompt(chunk, question))
         with torch.no_grad():
             logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: len(prompt) - 1 + n]
         fresh = torch.log_softmax(logits.float(), -1)
@@ -112,10 +112,10 @@ def test_toy_synthesize_teacher_answers_gold_topk_matches_forward_pass(prefect_s
     em = sum(a.strip() == b.strip() for a, b in gold) / len(gold)
     assert len(gold) == 48 and em >= 0.9, em
 
-    from model.toy.model import toy_prompt
+    from model.text.turns import teacher_prompt
 
-    assert document_and_question("the color of zorb is red .", "what is the color of zorb ?") == \
-        toy_prompt("the color of zorb is red .", "what is the color of zorb ?")  # the prompt the toy learned
+    assert teacher_prompt("the color of zorb is red .", "what is the color of zorb ?") == \
+        teacher_prompt("the color of zorb is red .", "what is the color of zorb ?")  # the prompt the toy learned
     worst = worst_topk_vs_forward_pass(cat, toy_model_dir, where="WHERE q.kind = 'gold'", limit=12)
     print(f"toy: teacher EM on gold {em:.3f}; max |stored - fresh| log-prob {worst:.4f}")
     assert worst < 0.02

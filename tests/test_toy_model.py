@@ -10,16 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from model.toy.model import (
-    REPORT_FILE,
-    ToyTrainConfig,
-    build_toy_model,
-    build_toy_model_folder,
-    evaluate_toy_model,
-    is_complete,
-    register,
-    toy_prompt,
-)
+from model.toy.model import REPORT_FILE, ToyTrainConfig, build_toy_model, build_toy_model_folder, evaluate_toy_model, is_complete, register
+from model.text.turns import teacher_prompt
 from model.toy.tokenizer import ASSISTANT, BLANK_LINE, build_toy_tokenizer
 from model.toy.world import RELATIONS, ToyWorldConfig, entity_names, generate, vocabulary
 
@@ -58,11 +50,11 @@ def tokenizer(tmp_path_factory):
 
 
 def test_toy_prompt_format():
-    assert toy_prompt("the color of zorb is teal .", "what is the color of zorb ?") == (
+    assert teacher_prompt("the color of zorb is teal .", "what is the color of zorb ?") == (
         "the color of zorb is teal .\n\nwhat is the color of zorb ?"
     )
-    assert toy_prompt(None, " what is the color of zorb ? ") == "what is the color of zorb ?"
-    assert toy_prompt("", "q ?") == "q ?"
+    assert teacher_prompt(None, " what is the color of zorb ? ") == "what is the color of zorb ?"
+    assert teacher_prompt("", "q ?") == "q ?"
 
 
 def test_every_world_word_is_one_token(tokenizer):
@@ -80,13 +72,13 @@ def test_round_trip_and_unknown_words(tokenizer):
     # punctuation is split off and the text is lower-cased; unknown words map to <unk>
     ids = tokenizer("The color of Zorb.", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["the", "color", "of", "<unk>", "."]
-    prompt = toy_prompt(doc.text, doc.qa[0]["question"])
+    prompt = teacher_prompt(doc.text, doc.qa[0]["question"])
     tokens = tokenizer.tokenize(prompt)
     assert tokens.count(BLANK_LINE) == 1 and tokens[-1] == "?"
 
 
 def test_chat_template(tokenizer):
-    msgs = [{"role": "user", "content": toy_prompt("the color of zorb is teal .", "what is the color of zorb ?")}]
+    msgs = [{"role": "user", "content": teacher_prompt("the color of zorb is teal .", "what is the color of zorb ?")}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text.startswith(tokenizer.bos_token) and text.endswith(ASSISTANT)
     enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)

@@ -18,10 +18,10 @@ import torch
 
 from model.training.checkpoint import UnsafeCheckpointError, load_hypernet
 from model.hypernet.config import HyperConfig
+from benchmarks.teacher_rows import teacher_rows_from_model
 from model.training.config import TrainConfig
 from model.training.data import (
     DataOrder, build_batch, draw_chunk_counts, epoch_batches, split_context, split_held_out,
-    teacher_rows_from_model,
 )
 from model.training.loop import latest_checkpoint, lr_factor, train
 

@@ -28,7 +28,7 @@ from flows.config import PipelineConfig
 from flows.pipeline import pipeline_flow
 from model.text.chunking import wrap_as_user_turn
 from model.generation import SamplingConfig, make_generator
-from model.text.synthesis import document_and_question
+from model.text.turns import teacher_prompt
 from storage.catalog import Catalog
 from storage.sql import run_query
 from tasks.generation import BackendConfig, generator_identity
@@ -136,7 +136,7 @@ def test_synthesize_and_teacher_through_real_vllm_server(vllm_server, prefect_se
         lps = np.asarray(lps, dtype=np.float32).reshape(n, k)
         assert (ids[:, 0] == answer).all()  # greedy: the chosen token is the top-1 at every step
         assert (np.diff(lps, axis=1) <= 0).all()  # sorted, descending
-        prompt = wrap_as_user_turn(tok, document_and_question(chunk, question))
+        prompt = wrap_as_user_turn(tok, teacher_prompt(chunk, question))
         with torch.no_grad():
             logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: len(prompt) - 1 + n]
         fresh = torch.log_softmax(logits.float(), -1)
@@ -190,7 +190,7 @@ def test_topk_agrees_with_transformers_backend(vllm_server, smollm2_dir, request
     from model.base_models import load_tokenizer
 
     tok = load_tokenizer(smollm2_dir)
-    prompts = [wrap_as_user_turn(tok, document_and_question(SHORT_DOC, q))
+    prompts = [wrap_as_user_turn(tok, teacher_prompt(SHORT_DOC, q))
                for q in ("Who made the lanterns of Veldmoor?", "What do the lanterns burn?")]
     prompts.append(wrap_as_user_turn(tok, "Write one sentence about copper."))
     k = 20  # vLLM's max_logprobs

@@ -63,17 +63,6 @@ def cd_targets(hyper_config) -> tuple[list[Target], int, float]:
     return targets, int(hyper_config.rank), float(hyper_config.alpha)
 
 
-def targets_of(base_model: nn.Module, module_paths: Sequence[str]) -> list[Target]:
-    """Targets from module paths of `base_model` (each must be an nn.Linear)."""
-    out = []
-    for p in module_paths:
-        m = base_model.get_submodule(p)
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"{p} is {type(m).__name__}, not nn.Linear")
-        out.append((p, m.in_features, m.out_features))
-    return out
-
-
 def fresh_lora(targets: Sequence[Target], rank: int, alpha: float, seed: int = 0,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Adapter, list[nn.Parameter]]:
     """A new trainable LoRA (batch 1): A uniform in +-1/sqrt(in) (seeded), B zero. Returns it and its parameters."""
@@ -138,4 +127,4 @@ def train_cd(
     return CDResult(out, time.perf_counter() - t0, losses, cfg.steps)
 
 
-__all__ = ["CDConfig", "CDResult", "cd_targets", "fresh_lora", "targets_of", "train_cd"]
+__all__ = ["CDConfig", "CDResult", "cd_targets", "fresh_lora", "train_cd"]

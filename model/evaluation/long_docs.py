@@ -110,13 +110,13 @@ def _run_suite(base_model, tokenizer, hypernet, contexts: list[EvalContext], chu
                methods: Sequence[str], run_id: str, batch_size: int, max_new_tokens: int,
                extra_meta: list[dict]) -> list[dict[str, Any]]:
     from model.text.chunking import wrap_as_user_turn
-    from model.training.data import default_prompt
+    from model.text.turns import teacher_prompt
 
     nbytes = param_bytes(base_model)
     flat = [(c, q) for c, ctx in enumerate(contexts) for q in ctx.questions]
     ctx_tokens = [len(wrap_as_user_turn(tokenizer, ctx.text)) for ctx in contexts]
     student = [wrap_as_user_turn(tokenizer, q.question) for _, q in flat]
-    teacher_prompts = [wrap_as_user_turn(tokenizer, default_prompt(contexts[c].text, q.question)) for c, q in flat]
+    teacher_prompts = [wrap_as_user_turn(tokenizer, teacher_prompt(contexts[c].text, q.question)) for c, q in flat]
     teacher = [a["text"] for a in greedy_answers(base_model, tokenizer, teacher_prompts, max_new_tokens, batch_size)]
     rows = []
     if "teacher" in methods:

@@ -170,11 +170,11 @@ def evaluate_contexts(
     from model.text.chunking import wrap_as_user_turn
     from model.evaluation.context_distill import CDConfig, cd_targets, train_cd
     from model.hypernet.internalize import internalize
-    from model.training.data import default_prompt
+    from model.text.turns import teacher_prompt
     from model.training.loop import compact_logits_agree
 
     st = settings or EvalSettings()
-    prompt = prompt or default_prompt
+    prompt = prompt or teacher_prompt
     unknown = set(st.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: {METHODS}")

@@ -12,7 +12,6 @@ exactly what :class:`SamplingConfig` says: greedy, or temperature + top-p sampli
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .base import Generation, SamplingConfig, as_id_list, check_prompts, empty_topk, model_stop_ids
+from .decode import clean_generation_config, decode_batch, pad_id
 
 _DTYPES = {
     "float32": torch.float32,
@@ -55,32 +55,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-class _TopKCapture:
-    """A logits processor that records the top-k of the log-softmax of each step's logits, unchanged scores."""
-
-    def __init__(self, k: int):
-        self.k = k
-        self.ids: list[torch.Tensor] = []
-        self.logprobs: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logprobs = torch.log_softmax(scores.float(), dim=-1)
-        values, indices = logprobs.topk(self.k, dim=-1)  # sorted descending
-        self.ids.append(indices.to(torch.int32))
-        self.logprobs.append(values)
-        return scores
-
-
-def _as_logits_processor(capture: _TopKCapture):
-    from transformers import LogitsProcessor
-
-    class _Proc(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return capture(input_ids, scores)
-
-    return _Proc()
 
 
 class TransformersGenerator:
@@ -141,11 +115,8 @@ class TransformersGenerator:
         self.eos_ids = model_stop_ids(tokenizer, gen_cfg)
         if not self.eos_ids:
             raise ValueError("the model has no eos token (neither the tokenizer nor the generation config)")
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = as_id_list(getattr(gen_cfg, "pad_token_id", None))
-            pad = pad[0] if pad else self.eos_ids[0]
-        self.pad_id = int(pad)
+        gen_pad = as_id_list(getattr(gen_cfg, "pad_token_id", None))
+        self.pad_id = pad_id(tokenizer, fallback=gen_pad[0] if gen_pad else self.eos_ids[0])
         bos = as_id_list(getattr(gen_cfg, "bos_token_id", None)) or as_id_list(getattr(tokenizer, "bos_token_id", None))
         self.bos_id = bos[0] if bos else None
         self.identity = f"transformers:{model_name}:{dtype_name(self.dtype)}"
@@ -165,7 +136,7 @@ class TransformersGenerator:
 
             bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
         try:
-            with self._lock, self._clean_generation_config(stop_ids):
+            with self._lock, clean_generation_config(self.model, stop_ids, self.pad_id, self.bos_id):
                 for b, start in enumerate(range(0, len(order), self.batch_size)):
                     idx = order[start : start + self.batch_size]
                     outs = self._generate_batch([prompts[i] for i in idx], cfg, stop_ids, seed=cfg.seed + b)
@@ -178,91 +149,24 @@ class TransformersGenerator:
                 bar.close()
         return results  # type: ignore[return-value]
 
-    @contextlib.contextmanager
-    def _clean_generation_config(self, stop_ids: list[int]):
-        """Swap in a generation config with only the special ids, so no model default changes decoding."""
-        from transformers import GenerationConfig
-
-        saved = self.model.generation_config
-        self.model.generation_config = GenerationConfig(
-            eos_token_id=stop_ids, pad_token_id=self.pad_id, bos_token_id=self.bos_id
-        )
-        try:
-            yield
-        finally:
-            self.model.generation_config = saved
-
     def _generate_batch(
         self, batch: list[list[int]], cfg: SamplingConfig, stop_ids: list[int], seed: int
     ) -> list[Generation]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        width = max(len(p) for p in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, p in enumerate(batch):
-            input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention_mask[r, width - len(p) :] = 1
-
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=not cfg.greedy,
-            eos_token_id=stop_ids,
-            pad_token_id=self.pad_id,
-            bos_token_id=self.bos_id,
-            return_dict_in_generate=True,
-        )
-        if not cfg.greedy:
-            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-        capture = _TopKCapture(cfg.topk_logprobs) if cfg.topk_logprobs > 0 else None
-        processors = LogitsProcessorList([_as_logits_processor(capture)] if capture else [])
-
-        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-        with rng, torch.inference_mode():
-            if not cfg.greedy:
-                torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                generation_config=GenerationConfig(**kwargs),
-                logits_processor=processors,
-            )
-        new_tokens = out.sequences[:, width:].cpu().numpy()
-        if capture is not None and capture.ids:
-            top_ids = torch.stack(capture.ids, dim=1).cpu().numpy()  # [B, steps, k]
-            top_lp = torch.stack(capture.logprobs, dim=1).float().cpu().numpy()
-        else:
-            top_ids = top_lp = None
-
-        stop_set = set(stop_ids)
+        decoded = decode_batch(self.model, batch, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
+                               pad=self.pad_id, bos=self.bos_id, greedy=cfg.greedy, temperature=cfg.temperature,
+                               top_p=cfg.top_p, seed=seed, topk=cfg.topk_logprobs)
         results = []
-        for r in range(len(batch)):
-            row = new_tokens[r].tolist()
-            n = len(row)
-            finished = False
-            for t, tok in enumerate(row):
-                if tok in stop_set:
-                    n, finished = t + 1, True
-                    break
-            ids = row[:n]
-            if top_ids is not None:
-                k_ids = np.ascontiguousarray(top_ids[r, :n], dtype=np.int32)
-                k_lp = np.ascontiguousarray(top_lp[r, :n], dtype=np.float32)
+        for d in decoded:
+            if d.topk_ids is not None:
+                k_ids = np.ascontiguousarray(d.topk_ids, dtype=np.int32)
+                k_lp = np.ascontiguousarray(d.topk_logprobs, dtype=np.float32)
             elif cfg.topk_logprobs > 0:
                 k_ids, k_lp = empty_topk(cfg.topk_logprobs)
             else:
                 k_ids = k_lp = None
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-            results.append(
-                Generation(
-                    token_ids=ids,
-                    text=text,
-                    finished=finished,
-                    topk_ids=k_ids,
-                    topk_logprobs=k_lp,
-                    meta={"finish_reason": "stop" if finished else "length"},
-                )
-            )
+            text = self.tokenizer.decode(d.ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+            results.append(Generation(token_ids=d.ids, text=text, finished=d.finished, topk_ids=k_ids,
+                                      topk_logprobs=k_lp, meta={"finish_reason": "stop" if d.finished else "length"}))
         return results
 
     def close(self) -> None:

@@ -90,7 +90,3 @@ def parse_questions(raw: str, seen: list[str] | None = None, max_chars: int = 30
     return ParsedQuestions(questions, rejected)
 
 
-def document_and_question(document: str | None, question: str) -> str:
-    """The teacher's user turn: the document, a blank line, then the question (the question alone if no doc)."""
-    document = (document or "").strip()
-    return f"{document}\n\n{question.strip()}" if document else question.strip()

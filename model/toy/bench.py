@@ -132,12 +132,12 @@ def make_data(model, tok, world, prof: Profile, seed: int, log):
     from model.evaluation.runner import EvalContext, EvalQuestion
     from model.generation.base import SamplingConfig
     from model.generation.hf import TransformersGenerator
-    from model.toy.model import toy_prompt
+    from model.samples import sample_row
+    from model.text.turns import teacher_prompt
     from model.toy.world import generate
     from model.training.data import held_out_score, is_held_out, plain_tokens
     from storage.hashing import sha256_text
 
-    import numpy as np
 
     docs, seen, extra = [], set(), []
     for d in generate(prof.docs, seed=seed, cfg=world):
@@ -156,7 +156,7 @@ def make_data(model, tok, world, prof: Profile, seed: int, log):
     held = sorted([(i, d) for i, d in docs if is_held_out(i, prof.held_out)], key=lambda x: held_out_score(x[0]))
     held = held[: prof.eval_docs]
     items = [(i, d, j, qa) for i, d in train_docs + held for j, qa in enumerate(d.qa)]
-    prompts = [wrap_as_user_turn(tok, toy_prompt(d.text, qa["question"])) for _, d, _, qa in items]
+    prompts = [wrap_as_user_turn(tok, teacher_prompt(d.text, qa["question"])) for _, d, _, qa in items]
     t0 = time.perf_counter()
     gen = TransformersGenerator(model, tokenizer=tok, batch_size=128, name="toy")
     outs = gen.generate(prompts, SamplingConfig(max_new_tokens=4, topk_logprobs=prof.topk))
@@ -169,14 +169,10 @@ def make_data(model, tok, world, prof: Profile, seed: int, log):
             continue
         student = wrap_as_user_turn(tok, qa["question"])
         ctx = ctx_ids.setdefault(doc_id, plain_tokens(tok, d.text))
-        rows[f"{doc_id}-q{j}"] = {
-            "sample_id": f"{doc_id}-q{j}", "doc_id": doc_id, "chunk_id": doc_id, "context_ids": ctx,
-            "student_ids": student + list(out.token_ids), "answer_start": len(student),
-            "n_answer_tokens": len(out.token_ids), "topk": prof.topk,
-            "topk_ids": np.asarray(out.topk_ids).ravel().tolist(),
-            "topk_logprobs": np.asarray(out.topk_logprobs, dtype=np.float16).astype(np.float32).ravel().tolist(),
-            "teacher_answer": out.text,
-        }
+        rows[f"{doc_id}-q{j}"] = sample_row(
+            sample_id=f"{doc_id}-q{j}", doc_id=doc_id, chunk_id=doc_id, student_prefix=student,
+            answer_ids=out.token_ids, topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, k=prof.topk,
+            context_ids=ctx, teacher_answer=out.text)
     log(f"teacher: {len(rows)} answers ({dropped} unfinished dropped) in {time.perf_counter() - t0:.1f} s")
     held_ids = {i for i, _ in held}
     train_rows = [r for r in rows.values() if r["doc_id"] not in held_ids]

@@ -6,7 +6,7 @@ steps, 12-20 s of training on 1-2 idle CPU cores (longer when the cores are shar
 ordinary Hugging Face model folder (`save_pretrained`, safetensors, tokenizer with a chat template);
 every later stage treats it like any other base model.
 
-Training data: chat-template prompts whose user turn is `toy_prompt(document, question)` (the document,
+Training data: chat-template prompts whose user turn is `teacher_prompt(document, question)` (the document,
 a blank line, the question) and whose assistant turn is the gold value; the loss is on the assistant
 turn only (the value token and the closing eos). Without the document the model can only guess: its
 exact match is then around chance (1 in 10 values of the asked relation).
@@ -49,20 +49,11 @@ from typing import Any
 
 from model.toy.tokenizer import ASSISTANT, build_toy_tokenizer
 from model.toy.world import ToyDocument, ToyWorldConfig, generate, make_document
+from model.text.turns import teacher_prompt
 
 REPORT_FILE = "doc2lora.json"
 REPORT_KIND = "doc2lora-toy-model"
 REPORT_VERSION = 1
-
-
-def toy_prompt(document: str | None, question: str) -> str:
-    """The user turn every stage uses for the toy world: the document, a blank line, the question.
-
-    Without a document (`None` or empty) the user turn is the question alone.
-    """
-    document = (document or "").strip()
-    question = question.strip()
-    return f"{document}\n\n{question}" if document else question
 
 
 @dataclass(frozen=True)
@@ -229,15 +220,10 @@ def _shift_init_convs(model, cfg: ToyTrainConfig) -> None:
 
 
 def _messages(document: str | None, question: str, answer: str | None = None) -> list[dict[str, str]]:
-    msgs = [{"role": "user", "content": toy_prompt(document, question)}]
+    msgs = [{"role": "user", "content": teacher_prompt(document, question)}]
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
     return msgs
-
-
-def _prompt_ids(tokenizer, document: str | None, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template(_messages(document, question), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _answer_ids(tokenizer, answer: str) -> list[int]:
@@ -259,7 +245,7 @@ def _check_template_split(tokenizer) -> None:
 class _Batcher:
     """Fresh documents every batch, right padding, loss on the assistant turns only.
 
-    A row is a conversation about one document: the first user turn is `toy_prompt(document, question)`
+    A row is a conversation about one document: the first user turn is `teacher_prompt(document, question)`
     (exactly the format used at inference); with `turns` > 1 it goes on with further questions about the
     same document as plain user turns, each answered by the assistant. Every answer is supervised, which
     gives several answers per document forward (much faster learning than one question per row).
@@ -313,38 +299,15 @@ class _Batcher:
 
 def _exact_match(model, tokenizer, docs: list[ToyDocument], with_doc: bool, batch_size: int = 256) -> float:
     """Greedy generation through the chat template; an answer counts when it equals the gold value."""
-    import torch
+    from model.generation.decode import greedy_answers
 
     items = [(d.text if with_doc else None, qa["question"], qa["answer"]) for d in docs for qa in d.qa]
     if not items:
         return float("nan")
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            texts = [
-                tokenizer.apply_chat_template(_messages(doc, q), tokenize=False, add_generation_prompt=True)
-                for doc, q, _ in chunk
-            ]
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=4,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(a.strip() == gold for a, (_, _, gold) in zip(answers, chunk))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return correct / len(items)
+    prompts = [tokenizer(tokenizer.apply_chat_template(_messages(doc, q), tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for doc, q, _ in items]
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=4, batch_size=batch_size)
+    return sum(a["text"] == gold for a, (_, _, gold) in zip(answers, items)) / len(items)
 
 
 def read_report(model_dir: Path | str) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 Every word of `toy_world.vocabulary()` (each entity, relation and value) is exactly one token. Words are
 split on whitespace and punctuation is split off ("zorb." -> "zorb", "."); text is lower-cased; anything
-else maps to `<unk>`. A blank line (the separator between a document and a question in `toy_prompt`) is
+else maps to `<unk>`. A blank line (the separator between a document and a question in `teacher_prompt`) is
 kept as its own token so the model can see where the document ends.
 
 The chat template renders a conversation as

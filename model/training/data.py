@@ -256,102 +256,10 @@ def build_batch(
 
 
 # ----------------------------------------------------------------------------------------------- teacher
-def default_prompt(context: str, question: str) -> str:
-    """The teacher's user turn: the document, a blank line, the question (as the toy world's prompt)."""
-    context, question = (context or "").strip(), question.strip()
-    return f"{context}\n\n{question}" if context else question
-
-
-@torch.no_grad()
-def teacher_rows_from_model(
-    base_model: torch.nn.Module,
-    tokenizer,
-    items: Sequence[Mapping[str, Any]],
-    topk: int = 8,
-    prompt: Callable[[str, str], str] = default_prompt,
-    max_new_tokens: int = 8,
-    append_eos: bool = True,
-    batch_size: int = 16,
-    fp16: bool = True,
-) -> list[dict[str, Any]]:
-    """Training rows from a teacher forward pass of `base_model` with the context in its prompt.
-
-    `items`: dicts with ``doc_id``, ``context`` (text), ``question`` (text), optionally ``answer`` (text;
-    else the teacher answers greedily, at most `max_new_tokens` tokens) and ``chunk_id``. The teacher sees
-    ``wrap(prompt(context, question)) + answer``, the student ``wrap(question) + answer``; the row keeps
-    the teacher's top-k log-probabilities of every answer token (rounded to fp16 as the ``samples`` shards
-    store them when `fp16`) and ``context_ids`` (the context's tokens, unwrapped). For tests and benchmarks;
-    the pipeline's teacher stage writes the same columns.
-    """
-    from model.text.chunking import wrap_as_user_turn
-    from model.hypernet.encoder import pad_right
-
-    device = next(base_model.parameters()).device
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pad = pad_id_of(tokenizer)
-    was_training = base_model.training
-    base_model.eval()
-    prepared = []
-    for i, it in enumerate(items):
-        t_prompt = wrap_as_user_turn(tokenizer, prompt(it["context"], it["question"]))
-        s_prompt = wrap_as_user_turn(tokenizer, it["question"])
-        if it.get("answer") is not None:
-            ans = plain_tokens(tokenizer, it["answer"]) + ([eos] if append_eos and eos is not None else [])
-        else:
-            ans = _greedy(base_model, t_prompt, max_new_tokens, eos, device)
-        if not ans:
-            continue
-        prepared.append((i, it, t_prompt, s_prompt, ans))
-    rows: list[dict[str, Any]] = []
-    for b in range(0, len(prepared), batch_size):
-        part = prepared[b : b + batch_size]
-        ids, mask = pad_right([p[2] + p[4] for p in part], pad)
-        logits = base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        k = min(topk, logits.shape[-1])
-        for j, (i, it, t_prompt, s_prompt, ans) in enumerate(part):
-            pos = torch.arange(len(t_prompt) - 1, len(t_prompt) - 1 + len(ans), device=logits.device)
-            lp, top = torch.log_softmax(logits[j, pos], -1).topk(k, dim=-1)
-            if fp16:
-                lp = lp.half().float()
-            doc = it["doc_id"]
-            rows.append({
-                "sample_id": it.get("sample_id") or f"{doc}:{i}",
-                "doc_id": doc,
-                "chunk_id": it.get("chunk_id") or doc,
-                "context_ids": plain_tokens(tokenizer, it["context"]),
-                "student_ids": s_prompt + ans,
-                "answer_start": len(s_prompt),
-                "n_answer_tokens": len(ans),
-                "topk": k,
-                "topk_ids": top.flatten().tolist(),
-                "topk_logprobs": lp.flatten().tolist(),
-            })
-    base_model.train(was_training)
-    return rows
-
-
-def _greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: int | None, device) -> list[int]:
-    ids = torch.tensor([prompt_ids], device=device)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(model(input_ids=ids).logits[0, -1].argmax())
-        out.append(nxt)
-        if eos is not None and nxt == eos:
-            break
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
-    return out
-
-
-def answer_token_count(rows: Sequence[Mapping[str, Any]]) -> int:
-    return int(sum(int(r["n_answer_tokens"]) for r in rows))
-
-
-def epochs_for(total_steps: int, grad_accum: int, batches_per_epoch: int) -> float:
-    return total_steps * grad_accum / max(1, batches_per_epoch)
 
 
 __all__ = [
-    "DataOrder", "TrainBatch", "affixes", "build_batch", "context_ids_of", "default_prompt", "draw_chunk_counts",
+    "DataOrder", "TrainBatch", "affixes", "build_batch", "context_ids_of", "draw_chunk_counts",
     "epoch_batches", "eval_batches", "held_out_score", "is_held_out", "pad_id_of", "plain_tokens",
-    "split_context", "split_held_out", "teacher_rows_from_model", "validate_row",
+    "split_context", "split_held_out", "validate_row",
 ]
