@@ -25,6 +25,8 @@ from typing import Any
 
 from torch import nn
 
+from storage.fsutil import atomic_write
+
 CONFIG_NAME = "hyper_config.json"
 
 
@@ -123,9 +125,7 @@ class HyperConfig:
         return cls(**d)
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        return path
+        return atomic_write(Path(folder) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> "HyperConfig":

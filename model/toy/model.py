@@ -38,10 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +47,7 @@ from typing import Any
 from model.toy.tokenizer import ASSISTANT, build_toy_tokenizer
 from model.toy.world import ToyDocument, ToyWorldConfig, generate, make_document
 from model.text.turns import teacher_prompt
+from storage.fsutil import atomic_folder
 
 REPORT_FILE = "doc2lora.json"
 REPORT_KIND = "doc2lora-toy-model"
@@ -450,64 +448,45 @@ def build_toy_model(out_dir: Path | str, cfg: ToyTrainConfig | None = None, over
     old_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tokenizer = build_toy_tokenizer(tmp, cfg.world)
-        model, log = train_toy_model(cfg, tokenizer)
-        t0 = time.perf_counter()
-        held_out = generate(cfg.eval_docs, seed=cfg.eval_seed, cfg=cfg.world)
-        em_doc = _exact_match(model, tokenizer, held_out, with_doc=True)
-        em_nodoc = _exact_match(model, tokenizer, held_out, with_doc=False)
-        eval_seconds = time.perf_counter() - t0
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.bos_token_id = tokenizer.bos_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.do_sample = False
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        report = {
-            "kind": REPORT_KIND,
-            "version": REPORT_VERSION,
-            "architecture": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "config": _config_fingerprint(cfg),
-            "prompt_format": "chat template; user turn = document + blank line + question; assistant = value",
-            **{k: v for k, v in log.items() if k != "curve"},
-            "eval": {
-                "docs": cfg.eval_docs,
-                "seed": cfg.eval_seed,
-                "questions": sum(len(d.qa) for d in held_out),
-                "exact_match_with_doc": round(em_doc, 4),
-                "exact_match_without_doc": round(em_nodoc, 4),
-                "seconds": round(eval_seconds, 2),
-            },
-            "curve": log["curve"],
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-        }
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        _publish(tmp, out_dir, overwrite)
+        with atomic_folder(out_dir, replace=overwrite) as tmp:
+            tokenizer = build_toy_tokenizer(tmp, cfg.world)
+            model, log = train_toy_model(cfg, tokenizer)
+            t0 = time.perf_counter()
+            held_out = generate(cfg.eval_docs, seed=cfg.eval_seed, cfg=cfg.world)
+            em_doc = _exact_match(model, tokenizer, held_out, with_doc=True)
+            em_nodoc = _exact_match(model, tokenizer, held_out, with_doc=False)
+            eval_seconds = time.perf_counter() - t0
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.bos_token_id = tokenizer.bos_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.do_sample = False
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            report = {
+                "kind": REPORT_KIND,
+                "version": REPORT_VERSION,
+                "architecture": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "config": _config_fingerprint(cfg),
+                "prompt_format": "chat template; user turn = document + blank line + question; assistant = value",
+                **{k: v for k, v in log.items() if k != "curve"},
+                "eval": {
+                    "docs": cfg.eval_docs,
+                    "seed": cfg.eval_seed,
+                    "questions": sum(len(d.qa) for d in held_out),
+                    "exact_match_with_doc": round(em_doc, 4),
+                    "exact_match_without_doc": round(em_nodoc, 4),
+                    "seconds": round(eval_seconds, 2),
+                },
+                "curve": log["curve"],
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "threads": torch.get_num_threads(),
+            }
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         return report
     finally:
         torch.set_num_threads(old_threads)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished `tmp` folder to `out_dir` (atomic on one file system)."""
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} appeared while the toy model was being built")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)  # move the old folder aside, then swap
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.replace(tmp, out_dir)
-    except OSError as exc:  # another process published first (a non-empty directory is not replaced)
-        raise FileExistsError(f"{out_dir} appeared while the toy model was being built") from exc
 
 
 def is_complete(model_dir: Path | str, cfg: ToyTrainConfig | None = None) -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.fsutil import atomic_write
+
 CONFIG_NAME = "train_config.json"
 
 
@@ -123,12 +125,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        return atomic_write(Path(folder) / CONFIG_NAME, self.to_json())
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> "TrainConfig":

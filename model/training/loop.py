@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from model.training import data as td
+from storage.fsutil import atomic_write
 from model.hypernet.lora import apply_adapter, freeze, merge_chunks
 from model.training.checkpoint import load_checkpoint, save_checkpoint
 from model.hypernet.encoder import ContextEncoder
@@ -121,15 +121,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
             return folder
     found = [p for p in root.glob(STEP_PREFIX + "*") if _complete(p) and _step_of(p) >= 0] if root.is_dir() else []
     return max(found, key=_step_of) if found else None
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -396,7 +387,7 @@ def train(
     history = _read_metrics(metrics_path, start_step) if ckpt is not None else []
     dist.broadcast_parameters(net)  # equal already (same seed / checkpoint); made sure
     if dist.is_main:
-        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         cfg.save(out_dir)
         hcfg.save(out_dir)
 
@@ -431,7 +422,7 @@ def train(
         folder = save_checkpoint(root / f"{STEP_PREFIX}{step:08d}", net, hcfg, opt, sched, step=step,
                                  extra={"epoch": epoch, "micro_batches": step * cfg.grad_accum,
                                         "train_config": cfg.result_dict()})
-        _atomic_text(root / LATEST, folder.name + "\n")
+        atomic_write(root / LATEST, folder.name + "\n")
         _prune(root, cfg.keep_last)
         return folder
 
