@@ -48,7 +48,8 @@ from model.toy.world import generate  # noqa: E402
 from model.training.config import TrainConfig  # noqa: E402
 from benchmarks.teacher_rows import teacher_rows_from_model  # noqa: E402
 from model.training.data import affixes, build_batch, pad_id_of  # noqa: E402
-from model.training.loop import build_optimizer, forward_loss, student_logits, train  # noqa: E402
+from model.training.forward import forward_loss, student_logits  # noqa: E402
+from model.training.loop import build_optimizer, train  # noqa: E402
 from model.training.loss import distill_loss  # noqa: E402
 
 

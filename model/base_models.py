@@ -394,3 +394,8 @@ def _build_toy(path: Path) -> None:
     from model.toy.model import build_toy_model_folder
 
     build_toy_model_folder(path)
+
+
+def text_config(config: Any) -> Any:
+    """The language model's part of a Hugging Face config (multimodal configs nest it), or the config itself."""
+    return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config

@@ -14,7 +14,7 @@ __all__ = ["answer_with_adapter", "internalize_to_peft", "internalize_task"]
 
 def checkpoint_folder(checkpoint: str) -> tuple[Path, Path]:
     """(checkpoint folder, run folder): accepts a run folder (newest checkpoint) or a checkpoint folder."""
-    from model.training.loop import latest_checkpoint
+    from model.training.run_folder import latest_checkpoint
 
     p = Path(checkpoint)
     if (p / "model.safetensors").exists():

@@ -129,7 +129,7 @@ def test_rank_shares_partition_the_batch_and_add_up_to_its_loss_and_gradient(tin
     from model.hypernet.encoder import ContextEncoder
     from model.training.distributed import shard_batch, shard_loss
     from model.hypernet.network import HyperNetwork
-    from model.training.loop import forward_loss
+    from model.training.forward import forward_loss
 
     model, tok, hyper, train_rows, _ = _setup(str(tiny_tokenizer_dir))
     hcfg = hyper.resolve(model)
@@ -204,7 +204,7 @@ def test_two_ranks_match_one_process(tiny_tokenizer_dir, tmp_path, single_proces
 def test_torchrun_killed_then_resumed_equals_uninterrupted(tiny_tokenizer_dir, tmp_path, single_process):
     import psutil
 
-    from model.training.loop import latest_checkpoint
+    from model.training.run_folder import latest_checkpoint
 
     out = tmp_path / "crashy"
     proc = torchrun(tiny_tokenizer_dir, out, tmp_path / "killed", sleep=0.5)

@@ -23,7 +23,8 @@ from model.training.config import TrainConfig
 from model.training.data import (
     DataOrder, build_batch, draw_chunk_counts, epoch_batches, split_context, split_held_out,
 )
-from model.training.loop import latest_checkpoint, lr_factor, train
+from model.training.loop import lr_factor, train
+from model.training.run_folder import latest_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 
@@ -246,7 +247,7 @@ def test_compact_logits_give_the_full_loss(toy, arch):
     from model.hypernet.encoder import ContextEncoder
     from model.hypernet.network import HyperNetwork
     from model.training.data import affixes
-    from model.training.loop import compact_logits_agree, forward_loss
+    from model.training.forward import compact_logits_agree, forward_loss
 
     model, tok, rows = toy
     patterns = ["down_proj", "up_proj"]

@@ -86,7 +86,7 @@ def train_cd(
     compact: bool = True,
 ) -> CDResult:
     """Fit a fresh LoRA to one document's teacher rows (``samples`` columns); timed end to end."""
-    from model.training.loop import student_logits
+    from model.training.forward import student_logits
 
     cfg = cfg or CDConfig()
     if not rows:

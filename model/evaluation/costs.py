@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.hypernet.lora import Adapter, LoRA
+from model.base_models import text_config
 
 
 # ----------------------------------------------------------------------------------------------- adapters
@@ -40,17 +41,13 @@ def adapter_bytes(adapter: Adapter, bytes_per_value: int = 4) -> int:
     return int(n * bytes_per_value)
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def kv_cache_bytes(config, n_tokens: int, bytes_per_value: int = 4) -> int:
     """Bytes the KV cache of `n_tokens` prompt tokens takes: keys + values of every attention layer.
 
     Layers listed in ``config.layer_types`` as anything but attention (LFM2's "conv", Mamba-like layers)
     keep a state of fixed size, not counted; sliding-window layers keep at most their window.
     """
-    cfg = _text_config(config)
+    cfg = text_config(config)
     n_layers = int(cfg.num_hidden_layers)
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
     heads = int(cfg.num_attention_heads)

@@ -85,7 +85,7 @@ def teacher_kl(
 ) -> list[tuple[float, float]]:
     """(KL to the teacher, top-1 agreement) of each ``samples``-like row (student_ids, answer_start,
     n_answer_tokens, topk, topk_ids, topk_logprobs), scored by `model` (+ its row's adapter)."""
-    from model.training.loop import student_logits
+    from model.training.forward import student_logits
 
     if not rows:
         return []

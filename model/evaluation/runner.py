@@ -171,7 +171,7 @@ def evaluate_contexts(
     from model.evaluation.context_distill import CDConfig, cd_targets, train_cd
     from model.hypernet.internalize import internalize
     from model.text.turns import teacher_prompt
-    from model.training.loop import compact_logits_agree
+    from model.training.forward import compact_logits_agree
 
     st = settings or EvalSettings()
     prompt = prompt or teacher_prompt

@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from model.base_models import text_config
 from storage.fsutil import atomic_write
 
 CONFIG_NAME = "hyper_config.json"
@@ -147,9 +148,7 @@ def pattern_matches(pattern: str, path: str) -> bool:
 
 def find_layers(base_model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder's ModuleList of blocks: the first ModuleList as long as the config's layer count."""
-    cfg = getattr(base_model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
+    cfg = text_config(getattr(base_model, "config", None))
     n = getattr(cfg, "num_hidden_layers", None)
     lists = [(name, m) for name, m in base_model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     for name, m in lists:
@@ -194,7 +193,7 @@ def resolve_targets(
                          f"model's Linear modules are {names} (LFM2's MLP down projection is feed_forward.w2)")
     # a layer with no target still feeds nothing: keep only layers that carry at least one target
     used = sorted({i for s in kinds.values() for i in s["layers"]})
-    cfg = base_model.config.get_text_config() if hasattr(base_model.config, "get_text_config") else base_model.config
+    cfg = text_config(base_model.config)
     return {
         "hidden_size": int(cfg.hidden_size),
         "num_base_layers": len(blocks),
