@@ -151,6 +151,164 @@ def _progress(it, enabled: bool, desc: str, total: int | None = None):
     return tqdm(it, desc=desc, total=total, dynamic_ncols=True)
 
 
+@dataclass
+class _Eval:
+    """What every method's scoring shares: the questions flattened, prompts, sizes, the teacher's answers."""
+
+    base_model: nn.Module
+    tokenizer: Any
+    contexts: list[EvalContext]
+    st: EvalSettings
+    run_id: str
+    pad: int
+    nbytes: int
+    flat: list[tuple[int, EvalQuestion]]
+    ctx_tokens: list[int]
+    kv_bytes: list[int]
+    student_prompts: list[list[int]]
+    with_sample: list[int]
+    compact: bool
+    teacher_text: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def kls(self, adapter=None, index=None, items=None, view=None) -> dict[int, float]:
+        """KL to the teacher per flat question index (those with a stored sample, or `items`)."""
+        items = self.with_sample if items is None else items
+        if not items:
+            return {}
+        rs = [self.flat[i][1].sample if view is None else view(i) for i in items]
+        idx = None if index is None else [index[i] for i in items]
+        res = teacher_kl(self.base_model, rs, self.pad, adapter, idx, self.st.batch_size, self.compact)
+        return {i: r[0] for i, r in zip(items, res)}
+
+    def answers(self, prompts, adapter=None, index=None) -> list[dict[str, Any]]:
+        return greedy_answers(self.base_model, self.tokenizer, prompts, self.st.max_new_tokens, self.st.batch_size,
+                              adapter, index)
+
+    def add(self, i: int, method: str, pred: str, kl: float | None, seconds: float | None, **meta) -> None:
+        c, q = self.flat[i]
+        self.rows.append(result_row(self.run_id, self.contexts[c], q, method, pred, self.teacher_text[i], kl,
+                                    self.ctx_tokens[c], seconds, **meta))
+
+
+def _prepare(base_model, tokenizer, contexts, st: EvalSettings, run_id: str) -> _Eval:
+    from model.hypernet.lora import freeze
+    from model.text.chunking import wrap_as_user_turn
+    from model.training.forward import compact_logits_agree
+
+    unknown = set(st.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {METHODS}")
+    freeze(base_model).eval()
+    pad = pad_id(tokenizer)
+    nbytes = param_bytes(base_model)
+    if "cd" in st.methods:
+        assign_cd_questions(contexts, st.cd_train_fraction)
+    flat = [(c, q) for c, ctx in enumerate(contexts) for q in ctx.questions]
+    ctx_tokens = [len(wrap_as_user_turn(tokenizer, ctx.text)) for ctx in contexts]
+    with_sample = [i for i, (_, q) in enumerate(flat) if q.sample is not None]
+    compact = st.compact_logits
+    if compact and with_sample:
+        compact = compact_logits_agree(base_model, collate_samples([flat[with_sample[0]][1].sample], pad))
+    return _Eval(base_model, tokenizer, contexts, st, run_id, pad, nbytes, flat, ctx_tokens,
+                 [kv_cache_bytes(base_model.config, n, nbytes) for n in ctx_tokens],
+                 [wrap_as_user_turn(tokenizer, q.question) for _, q in flat], with_sample, compact)
+
+
+def _teacher(ev: _Eval, prompt: Callable[[str, str], str]) -> None:
+    """(a) the document in the prompt: the reference answers every other method is compared with."""
+    from model.text.chunking import wrap_as_user_turn
+
+    t0 = time.perf_counter()
+    prompts = [wrap_as_user_turn(ev.tokenizer, prompt(ev.contexts[c].text, q.question)) for c, q in ev.flat]
+    teacher = ev.answers(prompts)
+    ev.teacher_text = [t["text"] for t in teacher]
+    if "teacher" in ev.st.methods:
+        kl = ev.kls(view=lambda i: teacher_view(ev.flat[i][1].sample, prompts[i]))
+        for i, (c, _) in enumerate(ev.flat):
+            ev.add(i, "teacher", ev.teacher_text[i], kl.get(i), None, kv_cache_bytes=ev.kv_bytes[c],
+                   finished=teacher[i]["finished"])
+    ev.timings["teacher_eval_s"] = time.perf_counter() - t0
+
+
+def _no_doc(ev: _Eval) -> None:
+    """(b) the base model without the document."""
+    t0 = time.perf_counter()
+    ans = ev.answers(ev.student_prompts)
+    kl = ev.kls()
+    for i in range(len(ev.flat)):
+        ev.add(i, "no_doc", ans[i]["text"], kl.get(i), None)
+    ev.timings["no_doc_eval_s"] = time.perf_counter() - t0
+
+
+def _d2l(ev: _Eval, hypernet, progress: bool) -> None:
+    """(c) D2L: one adapter per context, made at batch 1 and timed."""
+    from model.hypernet.internalize import internalize
+
+    if hypernet is None:
+        raise ValueError("method d2l needs a hypernetwork")
+    st = ev.st
+    hypernet.eval()
+    if st.warmup and ev.contexts:
+        internalize(ev.base_model, ev.tokenizer, hypernet, ev.contexts[0].text, st.chunk_max_tokens, st.merge)
+    adapters, secs, sizes, n_chunks = [], [], [], []
+    for ctx in _progress(ev.contexts, progress, "d2l adapters"):
+        t0 = time.perf_counter()
+        ad = internalize(ev.base_model, ev.tokenizer, hypernet, ctx.text, st.chunk_max_tokens, st.merge)
+        secs.append(time.perf_counter() - t0)
+        adapters.append(ad)
+        sizes.append(adapter_bytes(ad, ev.nbytes))
+        n_chunks.append(ad.ranks()[next(iter(ad.loras))] // hypernet.config.rank - 1)
+    t0 = time.perf_counter()
+    stacked = stack_adapters(adapters)
+    index = [c for c, _ in ev.flat]
+    ans = ev.answers(ev.student_prompts, stacked, index)
+    kl = ev.kls(stacked, index)
+    for i, (c, q) in enumerate(ev.flat):
+        ev.add(i, "d2l", ans[i]["text"], kl.get(i), secs[c], adapter_bytes=sizes[c], kv_cache_bytes=ev.kv_bytes[c],
+               chunks=n_chunks[c], cd_trained_on=q.cd_train if "cd" in st.methods else None)
+    ev.timings["d2l_adapters_s"] = sum(secs)
+    ev.timings["d2l_eval_s"] = time.perf_counter() - t0
+
+
+def _cd(ev: _Eval, hypernet, progress: bool) -> None:
+    """(d) per-document context distillation on the questions marked cd_train."""
+    from model.evaluation.context_distill import CDConfig, cd_targets, train_cd
+
+    if hypernet is None:
+        raise ValueError("method cd takes its rank and targets from the hypernetwork's config")
+    st, contexts = ev.st, ev.contexts
+    targets, rank, alpha = cd_targets(hypernet.config)
+    cfg = CDConfig(steps=st.cd_steps, lr=st.cd_lr, rank=rank, alpha=alpha, seed=st.cd_seed)
+    chosen = list(range(len(contexts)))[: st.cd_max_contexts] if st.cd_max_contexts else list(range(len(contexts)))
+    chosen = [c for c in chosen if any(q.cd_train for q in contexts[c].questions)]
+    if st.warmup and chosen:
+        warm = [q.sample for q in contexts[chosen[0]].questions if q.cd_train]
+        train_cd(ev.base_model, warm, targets, CDConfig(**{**asdict(cfg), "steps": 2}), ev.pad, ev.compact)
+    adapters, secs, sizes, pos = [], {}, {}, {}
+    for c in _progress(chosen, progress, "cd adapters"):
+        res = train_cd(ev.base_model, [q.sample for q in contexts[c].questions if q.cd_train], targets, cfg, ev.pad,
+                       ev.compact)
+        pos[c] = len(adapters)
+        adapters.append(res.adapter)
+        secs[c] = res.seconds
+        sizes[c] = adapter_bytes(res.adapter, ev.nbytes)
+    t0 = time.perf_counter()
+    items = [i for i, (c, _) in enumerate(ev.flat) if c in pos]
+    if items:
+        stacked = stack_adapters(adapters)
+        index = [pos.get(c, 0) for c, _ in ev.flat]
+        ans = ev.answers([ev.student_prompts[i] for i in items], stacked, [index[i] for i in items])
+        kl = ev.kls(stacked, index, [i for i in items if ev.flat[i][1].sample is not None])
+        for a, i in zip(ans, items):
+            c, q = ev.flat[i]
+            ev.add(i, "cd", a["text"], kl.get(i), secs[c], adapter_bytes=sizes[c], kv_cache_bytes=ev.kv_bytes[c],
+                   cd_trained_on=q.cd_train, cd_steps=st.cd_steps)
+    ev.timings["cd_adapters_s"] = sum(secs.values())
+    ev.timings["cd_eval_s"] = time.perf_counter() - t0
+
+
 def evaluate_contexts(
     base_model: nn.Module,
     tokenizer,
@@ -166,130 +324,17 @@ def evaluate_contexts(
     `hypernet` may be None when "d2l" is not among the methods. Returns the ``eval_results`` rows, a
     summary (``summarize``) and the timings.
     """
-    from model.hypernet.lora import freeze
-    from model.text.chunking import wrap_as_user_turn
-    from model.evaluation.context_distill import CDConfig, cd_targets, train_cd
-    from model.hypernet.internalize import internalize
     from model.text.turns import teacher_prompt
-    from model.training.forward import compact_logits_agree
 
-    st = settings or EvalSettings()
-    prompt = prompt or teacher_prompt
-    unknown = set(st.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; known: {METHODS}")
-    freeze(base_model).eval()
-    pad = pad_id(tokenizer)
-    nbytes = param_bytes(base_model)
-    contexts = list(contexts)
-    if "cd" in st.methods:
-        assign_cd_questions(contexts, st.cd_train_fraction)
-    flat = [(c, q) for c, ctx in enumerate(contexts) for q in ctx.questions]
-    ctx_tokens = [len(wrap_as_user_turn(tokenizer, ctx.text)) for ctx in contexts]
-    kv_bytes = [kv_cache_bytes(base_model.config, n, nbytes) for n in ctx_tokens]
-    student_prompts = [wrap_as_user_turn(tokenizer, q.question) for _, q in flat]
-    with_sample = [i for i, (_, q) in enumerate(flat) if q.sample is not None]
-    compact = st.compact_logits
-    if compact and with_sample:
-        compact = compact_logits_agree(base_model, collate_samples([flat[with_sample[0]][1].sample], pad))
-    timings: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
-
-    def kls(adapter=None, index=None, items=None, view=None) -> dict[int, float]:
-        items = with_sample if items is None else items
-        if not items:
-            return {}
-        rs = [flat[i][1].sample if view is None else view(i) for i in items]
-        idx = None if index is None else [index[i] for i in items]
-        res = teacher_kl(base_model, rs, pad, adapter, idx, st.batch_size, compact)
-        return {i: r[0] for i, r in zip(items, res)}
-
-    # (a) teacher: the document in the prompt
-    t0 = time.perf_counter()
-    teacher_prompts = [wrap_as_user_turn(tokenizer, prompt(contexts[c].text, q.question)) for c, q in flat]
-    teacher = greedy_answers(base_model, tokenizer, teacher_prompts, st.max_new_tokens, st.batch_size)
-    teacher_text = [t["text"] for t in teacher]
-    if "teacher" in st.methods:
-        kl_t = kls(view=lambda i: teacher_view(flat[i][1].sample, teacher_prompts[i]))
-        for i, (c, q) in enumerate(flat):
-            rows.append(result_row(run_id, contexts[c], q, "teacher", teacher_text[i], teacher_text[i], kl_t.get(i),
-                             ctx_tokens[c], None, kv_cache_bytes=kv_bytes[c], finished=teacher[i]["finished"]))
-    timings["teacher_eval_s"] = time.perf_counter() - t0
-
-    # (b) the base model without the document
-    if "no_doc" in st.methods:
-        t0 = time.perf_counter()
-        ans = greedy_answers(base_model, tokenizer, student_prompts, st.max_new_tokens, st.batch_size)
-        kl_n = kls()
-        for i, (c, q) in enumerate(flat):
-            rows.append(result_row(run_id, contexts[c], q, "no_doc", ans[i]["text"], teacher_text[i], kl_n.get(i),
-                             ctx_tokens[c], None))
-        timings["no_doc_eval_s"] = time.perf_counter() - t0
-
-    # (c) D2L: one adapter per context, made at batch 1 and timed
-    if "d2l" in st.methods:
-        if hypernet is None:
-            raise ValueError("method d2l needs a hypernetwork")
-        hypernet.eval()
-        if st.warmup and contexts:
-            internalize(base_model, tokenizer, hypernet, contexts[0].text, st.chunk_max_tokens, st.merge)
-        adapters, secs, sizes, n_chunks = [], [], [], []
-        for ctx in _progress(contexts, progress, "d2l adapters"):
-            t0 = time.perf_counter()
-            ad = internalize(base_model, tokenizer, hypernet, ctx.text, st.chunk_max_tokens, st.merge)
-            secs.append(time.perf_counter() - t0)
-            adapters.append(ad)
-            sizes.append(adapter_bytes(ad, nbytes))
-            n_chunks.append(ad.ranks()[next(iter(ad.loras))] // hypernet.config.rank - 1)
-        t0 = time.perf_counter()
-        stacked = stack_adapters(adapters)
-        index = [c for c, _ in flat]
-        ans = greedy_answers(base_model, tokenizer, student_prompts, st.max_new_tokens, st.batch_size,
-                             stacked, index)
-        kl_d = kls(stacked, index)
-        for i, (c, q) in enumerate(flat):
-            rows.append(result_row(run_id, contexts[c], q, "d2l", ans[i]["text"], teacher_text[i], kl_d.get(i),
-                             ctx_tokens[c], secs[c], adapter_bytes=sizes[c], kv_cache_bytes=kv_bytes[c],
-                             chunks=n_chunks[c], cd_trained_on=q.cd_train if "cd" in st.methods else None))
-        timings["d2l_adapters_s"] = sum(secs)
-        timings["d2l_eval_s"] = time.perf_counter() - t0
-
-    # (d) per-document context distillation on the questions marked cd_train
-    if "cd" in st.methods:
-        if hypernet is not None:
-            targets, rank, alpha = cd_targets(hypernet.config)
-        else:
-            raise ValueError("method cd takes its rank and targets from the hypernetwork's config")
-        cfg = CDConfig(steps=st.cd_steps, lr=st.cd_lr, rank=rank, alpha=alpha, seed=st.cd_seed)
-        chosen = list(range(len(contexts)))[: st.cd_max_contexts] if st.cd_max_contexts else list(range(len(contexts)))
-        chosen = [c for c in chosen if any(q.cd_train for q in contexts[c].questions)]
-        if st.warmup and chosen:
-            warm = [q.sample for q in contexts[chosen[0]].questions if q.cd_train]
-            train_cd(base_model, warm, targets, CDConfig(**{**asdict(cfg), "steps": 2}), pad, compact)
-        adapters, secs, sizes, pos = [], {}, {}, {}
-        for c in _progress(chosen, progress, "cd adapters"):
-            train_rows = [q.sample for q in contexts[c].questions if q.cd_train]
-            res = train_cd(base_model, train_rows, targets, cfg, pad, compact)
-            pos[c] = len(adapters)
-            adapters.append(res.adapter)
-            secs[c] = res.seconds
-            sizes[c] = adapter_bytes(res.adapter, nbytes)
-        t0 = time.perf_counter()
-        items = [i for i, (c, _) in enumerate(flat) if c in pos]
-        if items:
-            stacked = stack_adapters(adapters)
-            index = [pos.get(c, 0) for c, _ in flat]
-            ans = greedy_answers(base_model, tokenizer, [student_prompts[i] for i in items], st.max_new_tokens,
-                                 st.batch_size, stacked, [index[i] for i in items])
-            kl_c = kls(stacked, index, [i for i in items if flat[i][1].sample is not None])
-            for a, i in zip(ans, items):
-                c, q = flat[i]
-                rows.append(result_row(run_id, contexts[c], q, "cd", a["text"], teacher_text[i], kl_c.get(i),
-                                 ctx_tokens[c], secs[c], adapter_bytes=sizes[c], kv_cache_bytes=kv_bytes[c],
-                                 cd_trained_on=q.cd_train, cd_steps=st.cd_steps))
-        timings["cd_adapters_s"] = sum(secs.values())
-        timings["cd_eval_s"] = time.perf_counter() - t0
-    return EvalOutput(rows, summarize(rows), timings)
+    ev = _prepare(base_model, tokenizer, list(contexts), settings or EvalSettings(), run_id)
+    _teacher(ev, prompt or teacher_prompt)
+    if "no_doc" in ev.st.methods:
+        _no_doc(ev)
+    if "d2l" in ev.st.methods:
+        _d2l(ev, hypernet, progress)
+    if "cd" in ev.st.methods:
+        _cd(ev, hypernet, progress)
+    return EvalOutput(ev.rows, summarize(ev.rows), ev.timings)
 
 
 __all__ = [
