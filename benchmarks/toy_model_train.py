@@ -49,7 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from model.toy.model import ToyTrainConfig, build_toy_model, evaluate_toy_model  # noqa: E402
+from model.toy.model import ToyTrainConfig  # noqa: E402
+from model.toy.build import build_toy_model, evaluate_toy_model
 
 
 def _parse(value: str, like):

@@ -391,7 +391,7 @@ def build_smollm2_135m_instruct(out_dir: Path) -> None:
 @register_builtin("toy")
 def _build_toy(path: Path) -> None:
     """The toy-world model (model/toy/model.py): a tiny LFM2 trained here on toy-world documents."""
-    from model.toy.model import build_toy_model_folder
+    from model.toy.build import build_toy_model_folder
 
     build_toy_model_folder(path)
 

@@ -130,8 +130,9 @@ def test_register_builtin_hook(tmp_path, monkeypatch):
     assert (bm.resolve_base_model("my-toy", tmp_path) / "config.json").is_file()
 
 
-def test_smollm2_is_registered():
-    assert SMOLLM2_NAME in BUILTIN_MODELS
+def test_builtin_names_map_to_their_builders():
+    assert BUILTIN_MODELS[SMOLLM2_NAME] is bm.build_smollm2_135m_instruct
+    assert sorted(bm.builtin_names()) == sorted(BUILTIN_MODELS) and {SMOLLM2_NAME, "toy"} <= set(BUILTIN_MODELS)
 
 
 # --------------------------------------------------------------------------------------------------------

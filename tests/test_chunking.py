@@ -296,7 +296,7 @@ def test_fingerprint_is_content_based(tok, tiny_tok, smol_tok, tiny_dir):
     from transformers import AutoTokenizer
 
     fp = tokenizer_fingerprint(tok)
-    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert len(fp) == 16 and set(fp) <= set("0123456789abcdef")
     assert tokenizer_fingerprint(tok) == fp
     assert tokenizer_fingerprint(tiny_tok) != tokenizer_fingerprint(smol_tok)
     # a fresh load of the same files gives the same fingerprint

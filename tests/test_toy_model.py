@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from model.toy.model import REPORT_FILE, ToyTrainConfig, build_toy_model, build_toy_model_folder, evaluate_toy_model, is_complete, register
+from model.toy.model import REPORT_FILE, ToyTrainConfig, is_complete
+from model.toy.build import build_toy_model, build_toy_model_folder, evaluate_toy_model, register
 from model.text.turns import teacher_prompt
 from model.toy.tokenizer import ASSISTANT, BLANK_LINE, build_toy_tokenizer
 from model.toy.world import RELATIONS, ToyWorldConfig, entity_names, generate, vocabulary
@@ -153,7 +154,7 @@ def test_existing_folder_is_not_overwritten(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    import model.toy.model as tm
+    import model.toy.build as tm
 
     def boom(*a, **k):
         raise RuntimeError("boom")
@@ -165,12 +166,9 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_register():
-    from model.base_models import BUILTIN_MODELS
-
     registry: dict = {}
     register(registry)
-    assert registry["toy"] is build_toy_model_folder
-    assert "toy" in BUILTIN_MODELS
+    assert registry == {"toy": build_toy_model_folder}
 
 
 # --- the full target ----------------------------------------------------------------------------------------

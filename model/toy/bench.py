@@ -98,7 +98,8 @@ def default_cache() -> Path:
 
 def toy_model(cache: Path, prof: Profile, threads: int, log) -> tuple[Path, dict]:
     """The toy base model folder: reused when complete with this configuration, else built."""
-    from model.toy.model import ToyTrainConfig, build_toy_model, is_complete, read_report
+    from model.toy.model import ToyTrainConfig, is_complete, read_report
+    from model.toy.build import build_toy_model
     from storage.hashing import sha256_text
 
     over = dict(prof.toy)
@@ -271,7 +272,8 @@ def one_table(summary: dict, long: dict | None, cd_steps: int) -> str:
     return head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Profile]:
+    """The command line, and the profile it selects (smoke or full) with every override applied."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: the whole path in ~15 s")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: store/bench/toy[-smoke])")
@@ -297,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             setattr(prof, f.name, tuple(v) if f.name == "targets" else v)
     if args.train_mix:
         prof.train_mix = tuple(tuple(int(x) for x in m.lower().split("x")) for m in args.train_mix)
+    return args, prof
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table; 0."""
+    args, prof = parse_args(argv)
     import torch
     from transformers import AutoModelForCausalLM
 
