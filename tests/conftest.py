@@ -19,8 +19,10 @@ os.environ.pop("PREFECT_API_URL", None)
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # the project, and tests/support
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
 
 
 @pytest.fixture(scope="session")
@@ -44,20 +46,6 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return build_bpe_tokenizer(texts, tmp_path_factory.mktemp("tiny-tok"), vocab_size=400)
 
 
-WORDS = ("river stone lantern orchard copper meadow signal harbor pencil violet engine marble window "
-         "forest ladder basket thunder garden silver candle").split()
-
-
-def make_corpus(folder: Path, n: int = 24) -> Path:
-    """`n` text files of varied length (some span several chunks) plus a duplicate of the first."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(20 + 13 * (i % 6))]
-        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + " ".join(words) + ".\n")
-    (folder / "copy-of-doc00.txt").write_text((folder / "doc00.txt").read_text())
-    return folder
-
-
 @pytest.fixture
 def one_torch_thread():
     """Tiny models: one thread is fastest, and on a loaded 2-core machine several threads spin for ages
@@ -68,15 +56,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def subprocess_env(api_url: str | None = None) -> dict[str, str]:
-    """The environment for a `d2l` subprocess, pointed at the session's Prefect server."""
-    env = dict(os.environ)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -5,22 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model.hypernet.lora import Adapter, LoRA, apply_adapter, concat_adapters, freeze, l1_penalty, merge_chunks
+from model.hypernet.lora import Adapter, LoRA, apply_adapter, concat_adapters, l1_penalty, merge_chunks
 from model.hypernet.config import HyperConfig
+from support.tiny_models import tiny_causal_lm
 
 V = 40
 
 
 def tiny(arch: str):
-    torch.manual_seed(0)
-    common = dict(vocab_size=V, hidden_size=24, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
-    if arch == "llama":
-        return freeze(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))).eval()
-    cfg = Lfm2Config(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
-                     block_auto_adjust_ff_dim=False, **common)
-    return freeze(Lfm2ForCausalLM(cfg)).eval()
+    return tiny_causal_lm(arch, V, hidden_size=24, intermediate_size=40)
 
 
 PATTERNS = {"llama": ["down_proj", "q_proj"], "lfm2": ["w2", "in_proj", "out_proj"]}

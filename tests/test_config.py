@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from conftest import REPO
+from support.env import REPO
 from flows.cli import app
 from flows.config import PipelineConfig, load_config, parse_override
 

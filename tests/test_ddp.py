@@ -237,7 +237,7 @@ def test_torchrun_killed_then_resumed_equals_uninterrupted(tiny_tokenizer_dir, t
 def test_torchrun_d2l_train_only_rank0_writes_the_store(prefect_server, tmp_path, tiny_tokenizer_dir):
     """`torchrun --nproc_per_node 2 -m flows.cli train` on teacher samples made by the pipeline: rank 0 runs
     the train flow (one `runs` row, `train_metrics`, checkpoints), rank 1 trains and writes nothing."""
-    from conftest import subprocess_env
+    from support.env import subprocess_env
     from flows.pipeline import pipeline_flow
     from storage.catalog import Catalog
     from storage.sql import run_query

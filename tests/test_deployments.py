@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from support.env import REPO
 from storage.catalog import Catalog
 from storage.sql import run_query
 

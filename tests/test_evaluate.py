@@ -20,6 +20,7 @@ from model.evaluation.metrics import exact_match, normalize_answer, teacher_kl, 
 from model.evaluation.report import plot_results
 
 from model.evaluation.runner import EvalContext, EvalQuestion, EvalSettings, assign_cd_questions, evaluate_contexts
+from support.tiny_models import tiny_teacher_setup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,25 +86,8 @@ def test_kv_cache_and_adapter_bytes():
 
 # ----------------------------------------------------------------------------------------------- tiny models
 def tiny_setup(tok_dir, n_docs: int = 6, questions: int = 4):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from model.hypernet.lora import freeze
-    from model.toy.world import generate
-    from benchmarks.teacher_rows import teacher_rows_from_model
-
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        model = freeze(LlamaForCausalLM(cfg)).eval()
-    docs = generate(n_docs, seed=11)
-    items = [{"doc_id": f"d{i}", "context": d.text, "question": qa["question"], "sample_id": f"d{i}-q{j}",
-              "chunk_id": f"d{i}"}
-             for i, d in enumerate(docs) for j, qa in enumerate(d.qa[:questions])]
-    rows = teacher_rows_from_model(model, tok, items, topk=8, max_new_tokens=3)
-    return model, tok, docs, rows
+    """A tiny random Llama as teacher and student base, and its own greedy teacher rows."""
+    return tiny_teacher_setup(tok_dir, n_docs, questions, seed=11, gold_answers=False, max_new_tokens=3)
 
 
 def tiny_hypernet(model):

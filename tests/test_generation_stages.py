@@ -135,8 +135,7 @@ def _toy_cli(store, model_dir, api_url, stages="[synthesize,teacher]"):
     import subprocess
     import sys
 
-    from conftest import REPO, subprocess_env
-
+    from support.env import REPO, subprocess_env
     cmd = [sys.executable, "-m", "flows.cli", "run", "--store", str(store), "--base-model", str(model_dir),
            "--no-progress", "--set", f"stages={stages}"]
     for setting in TOY_SETS:

@@ -6,26 +6,19 @@ import math
 
 import pytest
 import torch
-from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model.hypernet.lora import apply_adapter, freeze, merge_chunks
+from model.hypernet.lora import apply_adapter, merge_chunks
 from model.hypernet.encoder import encode_context
 from model.training.loss import collate_samples, distill_loss, topk_token_loss
 from model.hypernet.config import HyperConfig, pattern_matches
 from model.hypernet.network import HyperNetwork
+from support.tiny_models import tiny_causal_lm
 
 V = 48
 
 
 def tiny(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=V, hidden_size=32, initializer_range=0.2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
-    else:
-        model = Lfm2ForCausalLM(Lfm2Config(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
-                                           block_auto_adjust_ff_dim=False, **common))
-    return freeze(model).eval()
+    return tiny_causal_lm(arch, V, initializer_range=0.2, seed=seed)
 
 
 PATTERNS = {"llama": ["down_proj"], "lfm2": ["w2", "out_proj", "in_proj"]}
@@ -148,9 +141,8 @@ def test_collate_and_loss_match_a_manual_computation():
         collate_samples([_row("d", [1, 2], 0, [1], [-1.0], 1)], 0)
 
 
-def test_loss_decreases_when_training_the_hypernetwork():
+def test_loss_decreases_when_training_the_hypernetwork(one_torch_thread):
     """Fixed, document-dependent teacher targets (a sharp top-4 per answer token) on 4 documents."""
-    torch.set_num_threads(1)
     model = tiny("llama")
     net = tiny_hyper(model, ["down_proj", "up_proj"])
     g = torch.Generator().manual_seed(3)

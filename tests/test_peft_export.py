@@ -9,13 +9,14 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from model.hypernet.lora import Adapter, LoRA, apply_adapter, concat_adapters, freeze
+from model.hypernet.lora import Adapter, LoRA, apply_adapter, concat_adapters
 from model.hypernet.config import HyperConfig
 from model.hypernet.network import HyperNetwork
 from model.hypernet.internalize import chunk_document, internalize
 from model.hypernet.peft_export import export_peft
+from support.tiny_models import tiny_causal_lm
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"]
 WORDS = SPECIALS + [f"w{i}" for i in range(35)]
@@ -35,14 +36,7 @@ def tokenizer():
 
 
 def tiny(arch: str):
-    torch.manual_seed(0)
-    common = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                  num_key_value_heads=2, initializer_range=0.1)
-    if arch == "llama":
-        return freeze(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))).eval()
-    cfg = Lfm2Config(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
-                     block_auto_adjust_ff_dim=False, **common)
-    return freeze(Lfm2ForCausalLM(cfg)).eval()
+    return tiny_causal_lm(arch, len(WORDS), intermediate_size=48, initializer_range=0.1)
 
 
 def trained_looking_hypernet(model, patterns) -> HyperNetwork:

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
-from conftest import REPO, WORDS, make_corpus, subprocess_env
+from support.corpus import WORDS, make_corpus
+from support.env import REPO, subprocess_env
 from flows.cli import app
 from flows.config import load_config
 from flows.pipeline import pipeline_flow

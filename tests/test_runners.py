@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_corpus
+from support.corpus import make_corpus
 from flows.config import PipelineConfig, load_config
 from flows.runners import RunnerConfig, UnitsFailed, build_task_runner, run_units
 from storage.catalog import Catalog

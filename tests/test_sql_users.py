@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from support.env import REPO
 from flows.cli import app
 from storage.schemas import to_table
 from storage.sql import ReadOnlySQLError, query_arrow, run_query

@@ -18,13 +18,13 @@ import torch
 
 from model.training.checkpoint import UnsafeCheckpointError, load_hypernet
 from model.hypernet.config import HyperConfig
-from benchmarks.teacher_rows import teacher_rows_from_model
 from model.training.config import TrainConfig
 from model.training.data import (
     DataOrder, build_batch, draw_chunk_counts, epoch_batches, split_context, split_held_out,
 )
 from model.training.loop import lr_factor, train
 from model.training.run_folder import latest_checkpoint
+from support.tiny_models import tiny_teacher_setup
 
 TESTS = Path(__file__).resolve().parent
 
@@ -46,24 +46,8 @@ def deterministic_cpu():
 
 
 def tiny_setup(tok_dir, n_docs: int = 24, questions: int = 4):
-    """A tiny random Llama (initializer_range 0.2) as teacher and student base, and teacher rows from it:
-    the teacher sees the toy document in its prompt, the student only the question."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from model.hypernet.lora import freeze
-    from model.toy.world import generate
-
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                          pad_token_id=tok.pad_token_id)
-        model = freeze(LlamaForCausalLM(cfg)).eval()
-    docs = generate(n_docs, seed=3)
-    items = [{"doc_id": f"d{i}", "context": d.text, "question": qa["question"], "answer": qa["answer"]}
-             for i, d in enumerate(docs) for qa in d.qa[:questions]]
-    rows = teacher_rows_from_model(model, tok, items, topk=8)
+    """A tiny random Llama as teacher and student base, and teacher rows of the gold answers from it."""
+    model, tok, _, rows = tiny_teacher_setup(tok_dir, n_docs, questions, seed=3, gold_answers=True)
     return model, tok, rows
 
 
