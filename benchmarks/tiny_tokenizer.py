@@ -1,6 +1,7 @@
 """A small byte-level BPE tokenizer trained on given texts, saved as an ordinary Hugging Face tokenizer.
 
-Used by tests ("a small tokenizer the tests build") and usable by a toy base model. Byte-level, so any
+Used by tests and benchmarks that need a real tokenizer without a model (the toy model has its own
+word-level tokenizer, model/toy/tokenizer.py). Byte-level, so any
 text encodes (no unknown token); special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>`` and role markers
 ``<|system|>``, ``<|user|>``, ``<|assistant|>``; a chat template::
 

@@ -1,4 +1,5 @@
-"""`d2l`: the doc2lora command line. Every stage is a Prefect flow; this file only parses and prints."""
+"""`d2l`: the doc2lora command line. Every stage is a Prefect flow; the commands parse their options, run
+a flow or a task, and print what it did."""
 
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ Shapes: features ``[B, L, T, H]`` (L = the config's ``layer_indices``), mask ``[
    ``rank_slots`` there is no decoder: latent i of a layer is that layer's (kind, rank) slot i).
 4. A small per-layer residual MLP, L2 normalisation of each rank embedding, then a per-(layer, kind)
    linear head emitting one row of A (in) and one column of B (out) per rank.
-5. Learned per-layer, per-rank scalars multiply A (init 1) and B (init 0, `scale_b_init`): the generated update is
-   exactly zero at initialisation. A learned context-free bias LoRA of rank r (its B zero at init) is
+5. Learned per-layer, per-rank scalars multiply A (init 1) and B (init `scale_b_init`, 0 by default): with the
+   default the generated update is exactly zero at initialisation (``scale_b_init`` > 0 starts with a small
+   random update instead). A learned context-free bias LoRA of rank r (its B zero at init) is
    returned separately by ``bias_adapter`` and added once per document (``merge_chunks``).
 """
 

@@ -1,6 +1,6 @@
 """The `toy` built-in base model: a tiny causal LM trained to answer toy-world questions from its context.
 
-DESIGN.md section 6. The model is an architecture that `transformers` ships (LFM2 by default: a hybrid of
+The toy world's base model (the world: model/toy/world.py). The model is an architecture that `transformers` ships (LFM2 by default: a hybrid of
 gated short causal convolutions and full attention), built with random weights and trained here: ~190
 steps, 12-20 s of training on 1-2 idle CPU cores (longer when the cores are shared). Afterwards it is an
 ordinary Hugging Face model folder (`save_pretrained`, safetensors, tokenizer with a chat template);

@@ -1,4 +1,4 @@
-"""The toy world: made-up fact documents with gold question/answer pairs (DESIGN.md section 6).
+"""The toy world: made-up fact documents with gold question/answer pairs (the project's CPU benchmark).
 
 A document states facts such as "the color of zorb is teal ." about a few entities; each question needs
 both the entity and the relation ("what is the color of zorb ?" -> "teal"). Values are drawn per
