@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.catalog import Catalog
 
 __all__ = ["EvaluateConfig", "EVAL_VERSION", "eval_dir", "read_eval_contexts", "run_evaluation",
-           "method_rows"]
+           "eval_settings", "method_rows"]
 
 EVAL_VERSION = "1"
 MethodName = Literal["teacher", "no_doc", "d2l", "cd"]
@@ -135,7 +135,7 @@ def run_evaluation(store_root: str, model_dir: str, checkpoint: str, cfg: Evalua
 
     from model.base_models import load_tokenizer
     from model.training.checkpoint import load_hypernet
-    from model.evaluation.runner import EvalSettings, evaluate_contexts
+    from model.evaluation.runner import evaluate_contexts
     from model.evaluation.long_docs import evaluate_long, needle_test
     from model.evaluation.report import long_summary
     from storage.hashing import content_key
@@ -164,10 +164,7 @@ def run_evaluation(store_root: str, model_dir: str, checkpoint: str, cfg: Evalua
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
     net = load_hypernet(ckpt)
-    settings = EvalSettings(methods=tuple(cfg.methods), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                            chunk_max_tokens=cfg.chunk_max_tokens, merge=cfg.merge, cd_steps=cfg.cd_steps,
-                            cd_lr=cfg.cd_lr, cd_train_fraction=cfg.cd_train_fraction,
-                            cd_max_contexts=cfg.cd_max_docs)
+    settings = eval_settings(cfg)
     out = evaluate_contexts(base, tok, net, contexts, settings, run_id=run_id, progress=progress)
     rows = list(out.rows)
     long = None
@@ -202,4 +199,17 @@ def method_rows(summary: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
 
     rows = method_table(summary)
     return rows, markdown_table(rows) + "\n" + "\n".join(ratio_lines(summary))
+
+
+def eval_settings(cfg: EvaluateConfig):
+    """The evaluator's settings from the stage config: every field of EvalSettings that the config has, by name
+    (the rest keep the evaluator's defaults)."""
+    import dataclasses
+
+    from model.evaluation.runner import EvalSettings
+
+    shared = {f.name for f in dataclasses.fields(EvalSettings)} & set(EvaluateConfig.model_fields)
+    values = {name: getattr(cfg, name) for name in shared}
+    values["methods"] = tuple(cfg.methods)
+    return EvalSettings(**values)
 

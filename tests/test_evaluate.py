@@ -150,7 +150,7 @@ def test_evaluate_contexts_rows_for_all_four_methods_report_and_png(tiny_tokeniz
     model, tok, docs, rows = tiny_setup(tiny_tokenizer_dir, n_docs=4, questions=4)
     net = tiny_hypernet(model)
     contexts = contexts_from(docs, rows)
-    st = EvalSettings(max_new_tokens=3, batch_size=8, cd_steps=5, cd_lr=1e-2, cd_max_contexts=2)
+    st = EvalSettings(max_new_tokens=3, batch_size=8, cd_steps=5, cd_lr=1e-2, cd_max_docs=2)
     out = evaluate_contexts(model, tok, net, contexts, st, run_id="r1")
     by_method = {}
     for r in out.rows:
@@ -291,3 +291,19 @@ def test_toy_benchmark_smoke(tmp_path):
     assert (out / "report.md").exists() and (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "D2L / teacher" in proc.stdout
     assert math.isfinite(summary["summary"]["ratios"]["cd_over_d2l_seconds"])
+
+
+def test_stage_config_bridges_to_the_evaluator_settings_by_name():
+    import dataclasses
+
+    from model.evaluation.runner import EvalSettings
+    from tasks.evaluate import EvaluateConfig, eval_settings
+
+    cfg = EvaluateConfig(methods=["d2l", "cd"], max_new_tokens=7, batch_size=3, chunk_max_tokens=64, merge="mean",
+                         cd_steps=9, cd_lr=0.02, cd_train_fraction=0.25, cd_max_docs=5)
+    st = eval_settings(cfg)
+    assert st.methods == ("d2l", "cd")
+    for f in dataclasses.fields(EvalSettings):
+        if f.name in EvaluateConfig.model_fields and f.name != "methods":
+            assert getattr(st, f.name) == getattr(cfg, f.name), f.name
+    assert (st.cd_max_docs, st.merge, st.cd_lr) == (5, "mean", 0.02)

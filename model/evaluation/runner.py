@@ -107,7 +107,7 @@ class EvalSettings:
     cd_steps: int = 300
     cd_lr: float = 5e-3
     cd_train_fraction: float = 0.5
-    cd_max_contexts: int | None = None  # CD on the first N contexts only (it is the slow one); None: all
+    cd_max_docs: int | None = None  # CD on the first N contexts only (it is the slow one); None: all
     cd_seed: int = 0
     warmup: bool = True  # one untimed adapter creation of each kind first (allocations, lazy init)
     compact_logits: bool = True
@@ -281,7 +281,7 @@ def _cd(ev: _Eval, hypernet, progress: bool) -> None:
     st, contexts = ev.st, ev.contexts
     targets, rank, alpha = cd_targets(hypernet.config)
     cfg = CDConfig(steps=st.cd_steps, lr=st.cd_lr, rank=rank, alpha=alpha, seed=st.cd_seed)
-    chosen = list(range(len(contexts)))[: st.cd_max_contexts] if st.cd_max_contexts else list(range(len(contexts)))
+    chosen = list(range(len(contexts)))[: st.cd_max_docs] if st.cd_max_docs else list(range(len(contexts)))
     chosen = [c for c in chosen if any(q.cd_train for q in contexts[c].questions)]
     if st.warmup and chosen:
         warm = [q.sample for q in contexts[chosen[0]].questions if q.cd_train]

@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     settings = EvalSettings(max_new_tokens=4, batch_size=64, cd_steps=prof.cd_steps, cd_lr=prof.cd_lr,
-                            cd_max_contexts=prof.cd_docs, cd_train_fraction=0.5)
+                            cd_max_docs=prof.cd_docs, cd_train_fraction=0.5)
     res = evaluate_contexts(base, tok, net, contexts, settings, run_id="bench-toy", progress=args.progress)
     log(f"evaluation: {len(res.rows)} rows in {time.perf_counter() - t0:.0f} s ({json.dumps({k: round(v, 2) for k, v in res.timings.items()})})")
     t0 = time.perf_counter()
