@@ -234,38 +234,9 @@ def _budget_tries(budget: int, overlap: int) -> list[int]:
     return tries
 
 
-def chunk_document(
-    doc_id: str,
-    text: str,
-    tokenizer,
-    cfg: ChunkConfig | None = None,
-    *,
-    fingerprint: str | None = None,
-) -> list[dict]:
-    """Split a document into rows of the ``chunks`` table (see the module docstring).
-
-    Raises ValueError if ``max_tokens`` does not leave room for the chat-template affixes, if the overlap
-    does not fit the body budget, if the tokenizer is not a fast one (offsets are needed), or if the
-    document has no tokens.
-    """
-    cfg = cfg or ChunkConfig()
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("chunk_document needs a fast (tokenizers-backed) tokenizer for character offsets")
-    prefix, suffix = chat_affixes(tokenizer)
-    n_affix = len(prefix) + len(suffix)
-    budget = cfg.max_tokens - n_affix
-    if budget <= 0:
-        raise ValueError(
-            f"max_tokens={cfg.max_tokens} leaves no room for a document: the chat-template affixes of a "
-            f"user turn alone take {n_affix} tokens; use max_tokens > {n_affix}"
-        )
-    if cfg.overlap_tokens >= budget:
-        raise ValueError(
-            f"overlap_tokens={cfg.overlap_tokens} must be smaller than the chunk body budget "
-            f"{budget} (= max_tokens {cfg.max_tokens} - {n_affix} affix tokens)"
-        )
-    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
-
+def _plan_spans(doc_id: str, text: str, tokenizer, cfg: ChunkConfig, budget: int) -> list[tuple[int, int, int, int, int]]:
+    """(token start, token end, char start, char end, body tokens) of each chunk: the largest budget whose
+    windows, cut only where no character is split, re-encode within the budget."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
@@ -304,6 +275,42 @@ def chunk_document(
             f"more tokens than that on its own; use a larger max_tokens"
         )
 
+    return spans
+
+
+def chunk_document(
+    doc_id: str,
+    text: str,
+    tokenizer,
+    cfg: ChunkConfig | None = None,
+    *,
+    fingerprint: str | None = None,
+) -> list[dict]:
+    """Split a document into rows of the ``chunks`` table (see the module docstring).
+
+    Raises ValueError if ``max_tokens`` does not leave room for the chat-template affixes, if the overlap
+    does not fit the body budget, if the tokenizer is not a fast one (offsets are needed), or if the
+    document has no tokens.
+    """
+    cfg = cfg or ChunkConfig()
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("chunk_document needs a fast (tokenizers-backed) tokenizer for character offsets")
+    prefix, suffix = chat_affixes(tokenizer)
+    n_affix = len(prefix) + len(suffix)
+    budget = cfg.max_tokens - n_affix
+    if budget <= 0:
+        raise ValueError(
+            f"max_tokens={cfg.max_tokens} leaves no room for a document: the chat-template affixes of a "
+            f"user turn alone take {n_affix} tokens; use max_tokens > {n_affix}"
+        )
+    if cfg.overlap_tokens >= budget:
+        raise ValueError(
+            f"overlap_tokens={cfg.overlap_tokens} must be smaller than the chunk body budget "
+            f"{budget} (= max_tokens {cfg.max_tokens} - {n_affix} affix tokens)"
+        )
+    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+
+    spans = _plan_spans(doc_id, text, tokenizer, cfg, budget)
     n_chunks = len(spans)
     rows = []
     for i, (start, end, char_start, char_end, n_body) in enumerate(spans):
