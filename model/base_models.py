@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from storage.fsutil import fsync_dir, fsync_tree, publishable_modes
+
 MARKER_FILE = "doc2lora.json"
 MARKER_FORMAT = 1
 
@@ -190,32 +192,6 @@ def _is_built(folder: Path) -> bool:
     return marker is not None and marker.get("format") == MARKER_FORMAT and is_model_folder(folder)
 
 
-def _publishable_modes(root: Path) -> None:
-    """mkdtemp makes a 0700 folder (and some writers 0600 files): give the tree the modes a normally
-    created one would have under the current umask, so other users and services can read the cache."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _dirs, files in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _ensure_builtin(name: str, builder: BuiltinBuilder, cache_dir: Path) -> Path:
     target = cache_dir / name
     if _is_built(target):
@@ -244,14 +220,10 @@ def _ensure_builtin(name: str, builder: BuiltinBuilder, cache_dir: Path) -> Path
                 built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             )
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            _publishable_modes(tmp)
-            _fsync_tree(tmp)
+            publishable_modes(tmp)
+            fsync_tree(tmp)
             os.rename(tmp, target)
-            fd = os.open(cache_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(cache_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

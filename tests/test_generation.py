@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from model.generation import Generation, Generator, SamplingConfig, make_generator
-from model.generation.openai_client import backoff_delay, parse_completion
+from model.generation.openai_client import parse_completion
+from model.generation.retry import backoff_delay
 
 
 @pytest.fixture(scope="module", autouse=True)
