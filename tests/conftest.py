@@ -76,13 +76,7 @@ def smollm2_dir(tmp_path_factory, request) -> Path:
         f"[doc2lora] smollm2-135m-instruct: resolved in {seconds:.1f} s (conversion took {build} s when built; "
         f"folder {size / 1e6:.0f} MB at {folder})"
     )
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capman is not None:
-        with capman.global_and_fixture_disabled():
-            reporter.write_line(line)
-    else:  # pragma: no cover
-        print(line)
+    _report(request, line)
     return folder
 
 
