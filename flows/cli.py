@@ -11,9 +11,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Iterator, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -71,18 +72,33 @@ FLOWS = {
 }
 
 
-def _run_stage(flow_name: str, cfg) -> dict:
-    from tasks.common import StoreLockedError
+@contextmanager
+def _project_errors() -> Iterator[None]:
+    """The project's own errors (tasks.common.USER_ERRORS) as one red line and a non-zero exit; the traceback
+    too when D2L_DEBUG is set."""
+    from tasks.common import USER_ERRORS, StoreLockedError
 
+    try:
+        yield
+    except USER_ERRORS as exc:
+        if os.environ.get("D2L_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        typer.secho(" ".join(str(exc).split()), fg="red", err=True)
+        raise typer.Exit(3 if isinstance(exc, StoreLockedError) else 2) from None
+
+
+def _run_stage(flow_name: str, cfg, **kwargs) -> dict:
     import importlib
 
+    from tasks.common import preflight
+
     module, attr = FLOWS[flow_name]
-    fn = getattr(importlib.import_module(module), attr)
-    try:
-        return fn(cfg)
-    except StoreLockedError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(3) from None
+    with _project_errors():
+        preflight(flow_name, cfg.store, list(cfg.sources), cfg.ingest)
+        fn = getattr(importlib.import_module(module), attr)
+        return fn(cfg, **kwargs)
 
 
 def _stage_command(flow_name: str, doc: str):
@@ -136,10 +152,8 @@ def index_cmd(
     """Check shards against the manifest and rebuild the catalog's SQL views (--rebuild: the manifest too)."""
     import json
 
-    from flows.index import index_flow
-
     cfg = _config(None, [], store, [], None, lock_timeout, False)
-    typer.echo(json.dumps(index_flow(cfg, rebuild=rebuild, verify=verify), indent=1, default=str))
+    typer.echo(json.dumps(_run_stage("index", cfg, rebuild=rebuild, verify=verify), indent=1, default=str))
 
 app.command("train")(_stage_command(
     "train", "Train (or resume) the hypernetwork on the teacher samples: --set train.optim.total_steps=200 ..."))
@@ -164,7 +178,8 @@ def internalize_cmd(
     from tasks.adapters import internalize_to_peft
 
     text = Path(document).read_text() if Path(document).is_file() else document
-    info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
+    with _project_errors():
+        info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
     typer.echo(f"adapter: {info['adapter']}  ({info['modules']} modules, rank {info['rank']}, "
                f"made in {info['seconds'] * 1000:.0f} ms)")
     typer.echo(f'try:     d2l ask --adapter {info["adapter"]} "your question"')
@@ -179,7 +194,8 @@ def ask_cmd(
     """Answer a question with the base model + a generated adapter."""
     from tasks.adapters import answer_with_adapter
 
-    typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
+    with _project_errors():
+        typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
 
 
 class Format(str, Enum):

@@ -128,6 +128,12 @@ class Catalog:
             finally:
                 con.close()
 
+    def check(self) -> None:
+        """Raise CatalogDamagedError now if the catalog file exists but cannot be opened."""
+        if self.path.exists():
+            with self._locked():
+                connect(self.path, read_only=True).close()
+
     def replica(self) -> Path:
         """The read replica, published now if it is missing (a store written before replicas existed)."""
         if not self.replica_path.exists():

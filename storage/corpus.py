@@ -49,7 +49,8 @@ from storage.hashing import canonical_json, file_sha256
 from storage.sources import IngestConfig, SourceUnit
 from storage.synthetic import registered_worlds, world_named
 
-__all__ = ["IngestConfig", "SourceNotFoundError", "SourceUnit", "check_sources_found", "expand_sources", "read_unit", "normalise_text", "doc_id_for",
+__all__ = ["IngestConfig", "SourceNotFoundError", "SourceUnit", "check_sources_found", "expand_sources",
+           "quick_source_rejects", "read_unit", "normalise_text", "doc_id_for",
            "KIND_BY_EXTENSION", "REASONS"]
 
 KIND_BY_EXTENSION = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html",
@@ -79,6 +80,22 @@ def check_sources_found(rejects: list[dict], cfg: IngestConfig) -> None:
             f"Source {bad[0]['source']!r}: {bad[0]['detail'].rstrip('.')}{more}. Known schemes: "
             f"{', '.join(SCHEMES)}, or a local file, folder or glob. Pass --allow-missing to record it as a "
             "reject and go on.")
+
+
+def quick_source_rejects(specs: list[str]) -> list[dict]:
+    """Rejects for specs with an unknown scheme or a local path that does not exist (no file is read)."""
+    out = []
+    for spec in map(str, specs):
+        scheme = _SCHEME.match(spec)
+        if scheme and scheme.group(1).lower() in ("synthetic", "datasets"):
+            continue
+        if scheme and not spec.startswith("file://"):
+            out.append(_reject(spec, "unknown_scheme", f"No reader knows the scheme {scheme.group(1)}://"))
+            continue
+        raw = os.path.expanduser(unquote(spec[len("file://"):]) if spec.startswith("file://") else spec)
+        if not os.path.lexists(raw) and not (_GLOB_CHARS & set(raw) and glob.glob(raw, recursive=True)):
+            out.append(_reject(spec, "not_found", f"{os.path.abspath(raw)} does not exist"))
+    return out
 
 
 def _reject(source: str, reason: str, detail: str) -> dict:

@@ -51,7 +51,7 @@ def _strip_comments(sql: str) -> str:
 
 def _refuse(query: str, kind: str) -> ReadOnlySQLError:
     return ReadOnlySQLError(
-        f"Refused: `{' '.join(query.split())[:60]}` is a {kind} statement. `d2l sql` is read-only: one "
+        f"Refused: `{' '.join(query.split())[:60]}` ({kind} statement). `d2l sql` is read-only: one "
         "SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN query per call; no COPY, ATTACH, SET, PRAGMA, "
         "CALL, INSTALL/LOAD, DDL or DML.")
 

@@ -144,3 +144,23 @@ def test_a_safetensors_header_that_overruns_its_file_is_refused(tmp_path, base):
     weights.write_bytes(data[: len(data) // 2])  # the header promises more bytes than the file holds
     with pytest.raises(CheckpointError, match="does not fit the file"):
         load_hypernet(folder)
+
+
+def test_cli_prints_one_line_for_a_bad_checkpoint(tmp_path, base):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    folder = _saved(tmp_path, base)
+    cfg = json.loads((folder / "hyper_config.json").read_text())
+    (folder / "hyper_config.json").write_text(json.dumps(dict(cfg, latent_dim=200_000, latent_count=100_000)))
+    runner = CliRunner()
+    for cmd in (["internalize", "some text", "--checkpoint", str(folder), "--out", str(tmp_path / "a")],
+                ["internalize", "some text", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 2 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output, res.output
+    (folder / "hyper_config.json").write_text(json.dumps(cfg))
+    (folder / "extra.json").write_bytes(pickle.dumps({"a": 1}, protocol=0))
+    res = runner.invoke(app, ["internalize", "x", "--checkpoint", str(folder), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "never unpickles" in res.output and not (tmp_path / "a").exists()
