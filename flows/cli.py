@@ -142,6 +142,8 @@ app.command("teacher")(_stage_command(
 
 @app.command("index")
 def index_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP, exists=True),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     store: Optional[str] = typer.Option(None, help="Store folder (default: ./store)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the catalog's manifest from the shards "
                                  "themselves (after losing or damaging catalog.duckdb)."),
@@ -152,7 +154,7 @@ def index_cmd(
     """Check shards against the manifest and rebuild the catalog's SQL views (--rebuild: the manifest too)."""
     import json
 
-    cfg = _config(None, [], store, [], None, lock_timeout, False)
+    cfg = _config(config, sets, store, [], None, lock_timeout, False)
     typer.echo(json.dumps(_run_stage("index", cfg, rebuild=rebuild, verify=verify), indent=1, default=str))
 
 app.command("train")(_stage_command(

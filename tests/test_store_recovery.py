@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -66,7 +67,7 @@ def test_garbage_catalog_gets_one_line_naming_the_rebuild(full_run, toy_model_di
     (store / "catalog-replica.duckdb").unlink()
     env = subprocess_env(prefect_server)
     for cmd in (["sql", "SELECT count(*) FROM documents"], ["run", "--base-model", str(toy_model_dir)]):
-        res = subprocess.run(["python", "-m", "flows.cli", *cmd, "--store", str(store)], cwd=REPO, env=env,
+        res = subprocess.run([sys.executable, "-m", "flows.cli", *cmd, "--store", str(store)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode != 0
         assert "d2l index --rebuild" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
@@ -125,7 +126,7 @@ def test_views_exist_after_ingest_alone_and_dead_runs_are_marked_crashed(prefect
 @pytest.mark.parametrize("spec", ["ftp://example.com/x.txt", "s3://bucket/x.txt", "/no/such/folder"])
 def test_missing_source_or_unknown_scheme_fails_with_one_line(prefect_server, tmp_path, spec):
     env = subprocess_env(prefect_server)
-    base = ["python", "-m", "flows.cli", "ingest", "--store", str(tmp_path / "store"), "--source", spec,
+    base = [sys.executable, "-m", "flows.cli", "ingest", "--store", str(tmp_path / "store"), "--source", spec,
             "--source", "synthetic://facts?n=2&seed=0", "--no-progress"]
     res = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0, res.stdout[-2000:]
