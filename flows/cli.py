@@ -11,9 +11,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Iterator, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -71,18 +72,33 @@ FLOWS = {
 }
 
 
-def _run_stage(flow_name: str, cfg) -> dict:
-    from tasks.common import StoreLockedError
+@contextmanager
+def _project_errors() -> Iterator[None]:
+    """The project's own errors (tasks.common.USER_ERRORS) as one red line and a non-zero exit; the traceback
+    too when D2L_DEBUG is set."""
+    from tasks.common import USER_ERRORS, StoreLockedError
 
+    try:
+        yield
+    except USER_ERRORS as exc:
+        if os.environ.get("D2L_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        typer.secho(" ".join(str(exc).split()), fg="red", err=True)
+        raise typer.Exit(3 if isinstance(exc, StoreLockedError) else 2) from None
+
+
+def _run_stage(flow_name: str, cfg, **kwargs) -> dict:
     import importlib
 
+    from tasks.common import preflight
+
     module, attr = FLOWS[flow_name]
-    fn = getattr(importlib.import_module(module), attr)
-    try:
-        return fn(cfg)
-    except StoreLockedError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(3) from None
+    with _project_errors():
+        preflight(flow_name, cfg.store, list(cfg.sources), cfg.ingest)
+        fn = getattr(importlib.import_module(module), attr)
+        return fn(cfg, **kwargs)
 
 
 def _stage_command(flow_name: str, doc: str):
@@ -95,8 +111,11 @@ def _stage_command(flow_name: str, doc: str):
         lock_timeout: Optional[float] = typer.Option(
             None, help="Seconds to wait if another writer holds the store (default 0: fail at once)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help="A source that does not exist or has "
+                                           "an unknown scheme becomes a reject instead of an error."),
     ) -> None:
-        cfg = _config(config, sets, store, source, base_model, lock_timeout, progress)
+        extra = ["ingest.allow_missing=true"] if allow_missing else []
+        cfg = _config(config, [*sets, *extra], store, source, base_model, lock_timeout, progress)
         stats = _run_stage(flow_name, cfg)
         if flow_name == "pipeline":
             from flows.summary import print_pipeline_summary
@@ -119,7 +138,25 @@ app.command("synthesize")(_stage_command(
     "synthesize", "Write questions per chunk: gold QA from the source, then two rounds from the question LLM."))
 app.command("teacher")(_stage_command(
     "teacher", "Answer every question with its chunk in the prompt; cache the top-k log-probs per token."))
-app.command("index")(_stage_command("index", "Verify shards and rebuild the catalog's SQL views."))
+
+
+@app.command("index")
+def index_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP, exists=True),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    store: Optional[str] = typer.Option(None, help="Store folder (default: ./store)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the catalog's manifest from the shards "
+                                 "themselves (after losing or damaging catalog.duckdb)."),
+    verify: bool = typer.Option(False, "--verify", help="Read every shard's full checksum (default: size and "
+                                "mtime, and the checksum of files whose mtime changed)."),
+    lock_timeout: Optional[float] = typer.Option(None, help="Seconds to wait if another writer holds the store."),
+) -> None:
+    """Check shards against the manifest and rebuild the catalog's SQL views (--rebuild: the manifest too)."""
+    import json
+
+    cfg = _config(config, sets, store, [], None, lock_timeout, False)
+    typer.echo(json.dumps(_run_stage("index", cfg, rebuild=rebuild, verify=verify), indent=1, default=str))
+
 app.command("train")(_stage_command(
     "train", "Train (or resume) the hypernetwork on the teacher samples: --set train.optim.total_steps=200 ..."))
 app.command("evaluate")(_stage_command(
@@ -143,7 +180,8 @@ def internalize_cmd(
     from tasks.adapters import internalize_to_peft
 
     text = Path(document).read_text() if Path(document).is_file() else document
-    info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
+    with _project_errors():
+        info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
     typer.echo(f"adapter: {info['adapter']}  ({info['modules']} modules, rank {info['rank']}, "
                f"made in {info['seconds'] * 1000:.0f} ms)")
     typer.echo(f'try:     d2l ask --adapter {info["adapter"]} "your question"')
@@ -158,7 +196,8 @@ def ask_cmd(
     """Answer a question with the base model + a generated adapter."""
     from tasks.adapters import answer_with_adapter
 
-    typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
+    with _project_errors():
+        typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
 
 
 class Format(str, Enum):
@@ -173,36 +212,18 @@ def sql(
     store: str = typer.Option("store", help="Store folder whose catalog to query."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to a .parquet or .csv file."),
+    timeout: float = typer.Option(60.0, help="Stop the query after this many seconds (0: no limit)."),
+    limit: int = typer.Option(1000, help="Print at most this many rows (a note says when rows were cut; "
+                              "--out writes them all)."),
+    memory_limit: str = typer.Option("2GB", help="Most memory the query may use (DuckDB's memory_limit)."),
 ) -> None:
-    """Query the catalog (read-only). Views: documents, chunks, questions, samples, eval_results, rejects,
-    plus the tables manifest and runs. Statements that write (DDL, DML, COPY, ATTACH, SET) are refused."""
-    from tasks.sql import ReadOnlySQLError, open_catalog, query_arrow, run_query
+    """Query the catalog's read replica in a sandbox: one query (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE,
+    EXPLAIN); it reads only the store's shards. Views: documents, chunks, questions, samples, eval_results,
+    rejects, plus the tables manifest and runs. Writes (DDL, DML, COPY, ATTACH, SET, PRAGMA, CALL, INSTALL)
+    are refused."""
+    from flows.sql_command import run_sql_command
 
-    try:
-        cat = open_catalog(store)
-        if out is not None:
-            import pyarrow.csv as pacsv
-            import pyarrow.parquet as pq
-
-            table = query_arrow(cat, query)
-            if out.suffix == ".parquet":
-                pq.write_table(table, out)
-            elif out.suffix == ".csv":
-                pacsv.write_csv(table, out)
-            else:
-                raise ReadOnlySQLError(f"--out must end in .parquet or .csv, not {out.suffix!r}")
-            typer.echo(f"wrote {table.num_rows} rows to {out}")
-            return
-        columns, rows = run_query(cat, query)
-    except (ReadOnlySQLError, FileNotFoundError) as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(2) from None
-    except Exception as exc:  # noqa: BLE001 - DuckDB errors are user errors here
-        typer.secho(f"Query failed: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
-    from flows.summary import print_rows
-
-    print_rows(columns, rows, fmt.value)
+    raise typer.Exit(run_sql_command(store, query, fmt.value, out, timeout, limit, memory_limit))
 
 
 bench_app = typer.Typer(help="Benchmarks of the method (CPU, one process; outputs under store/bench/).",

@@ -10,7 +10,8 @@ from flows.config import PipelineConfig
 from flows.runners import run_units
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
-from tasks.ingest import SourceUnit, expand_sources, ingest_key, ingest_unit, spec_rejects_unit
+from tasks.ingest import (SKIP_REASONS, SourceUnit, check_sources_found, expand_sources, ingest_key, ingest_unit,
+                          spec_rejects_unit)
 
 
 @flow(name="ingest", log_prints=True)
@@ -19,12 +20,17 @@ def ingest_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
 
     One task per source unit, run by `config.runner` (flows/runners.py); only this process writes the catalog."""
     with stage_run(config, "ingest") as (store, run_id, stats):
-        units, spec_rejects = expand_sources(config.sources, config.ingest)
+        found: dict[str, Any] = {}
+        units, spec_rejects = expand_sources(config.sources, config.ingest, stats=found)
+        check_sources_found(spec_rejects, config.ingest)  # before anything is written
+        skipped = found.pop("skipped")
+        spec_rejects = spec_rejects + skipped
         manifest = store.catalog.manifest()
         keys = {u.source: ingest_key(u, config.ingest) for u in units}
         store.catalog.record_scan(run_id, [(u.source, u.kind, u.fingerprint, keys[u.source]) for u in units])
         stats.update(scan_id=run_id, units=len(units), done_before=0, written=0, documents=0, duplicates=0,
-                     rejects=0)
+                     rejects=0, skipped=len(skipped))
+        stats.update({k: v for k, v in found.items() if k in SKIP_REASONS and v})
         if spec_rejects:
             key, res = spec_rejects_unit(str(store.root), spec_rejects, config.ingest)
             if not store.done(manifest, "ingest", key):

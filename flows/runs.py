@@ -24,6 +24,16 @@ def _flat(stats: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _store_events(store: Store, stats: dict[str, Any]) -> None:
+    """Name the shards this stage found damaged (and redid), and the dead runs it marked crashed."""
+    if store.damaged:
+        stats["redone_shards"] = sorted(set(store.damaged))
+        get_run_logger().warning("%d damaged shard(s) redone: %s", len(stats["redone_shards"]),
+                                 ", ".join(stats["redone_shards"][:20]))
+    if store.crashed_runs:
+        stats["crashed_runs_marked"] = store.crashed_runs
+
+
 @contextmanager
 def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, dict[str, Any]]]:
     """Yield (store, run id, stats); the stats dict is saved with the run when the block ends."""
@@ -36,11 +46,15 @@ def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, d
         try:
             yield store, run_id, stats
         except BaseException:
+            _store_events(store, stats)
             stats["seconds"] = round(time.monotonic() - t0, 2)
             store.catalog.finish_run(run_id, "failed", stats)
             raise
+        _store_events(store, stats)
         stats["seconds"] = round(time.monotonic() - t0, 2)
         store.catalog.finish_run(run_id, "completed", stats)
+        if flow not in ("index", "pipeline"):  # the views exist (and show this stage's shards) after any stage
+            store.catalog.refresh_views()
     create_table_artifact(key=f"d2l-{flow}", table=_flat(stats),
                           description=f"doc2lora {flow}: units, rows, rejects and time of this run")
     get_run_logger().info("%s: %s", flow, stats)

@@ -35,6 +35,21 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _print_damaged(stats: dict[str, Any]) -> None:
+    """Every shard a stage found damaged and redid, and every manifest entry the index dropped."""
+    lines = [(name, "redone", path) for name, st in stats.items() if isinstance(st, dict)
+             for path in st.get("redone_shards", [])]
+    lines += [("index", "dropped", path) for path in stats.get("index", {}).get("dropped_entries", [])]
+    if not lines:
+        return
+    t = Table(title=f"damaged shards ({len(lines)}): missing or altered on disk")
+    for col in ("stage", "action", "shard"):
+        t.add_column(col, overflow="fold")
+    for row in lines:
+        t.add_row(*row)
+    console.print(t)
+
+
 def print_pipeline_summary(stats: dict[str, Any]) -> None:
     """What a pipeline run made and where, and a first query to try."""
     idx = stats.get("index", {})
@@ -82,6 +97,7 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
         for row in rej:
             r.add_row(*(str(v) for v in row))
         console.print(r)
+    _print_damaged(stats)
     store = stats.get("store", "store")
     console.print(f"store: [bold]{store}[/bold]  ({idx.get('shards', 0)} shards, "
                   f"{idx.get('shard_bytes', 0) / 1e6:.2f} MB; "

@@ -1,9 +1,10 @@
 """The DuckDB catalog: `manifest` (every shard written), `runs`, and one SQL view per table over its shards.
 
-The catalog file is only ever held open for a moment. Writers take `catalog.lock` (fcntl) first, so two
-processes never write it at once; a reader opens it read-only and retries while a writer holds it.
-Views list the manifest's shard paths explicitly: a file that was never registered (a temporary file, or a
-shard whose writer died before registering it) is invisible to SQL.
+The catalog file is only ever held open for a moment, and only by processes that hold `catalog.lock` (fcntl),
+so two processes never open it at once. After each commit the writer publishes a read replica
+(`catalog-replica.duckdb`, storage/catalog_files.py); people and their tools query the replica, never the
+catalog itself. Views list the manifest's shard paths explicitly: a file that was never registered (a
+temporary file, or a shard whose writer died before registering it) is invisible to SQL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Iterator
 import duckdb
 import pyarrow.parquet as pq
 
+from storage.catalog_files import REPLICA_NAME, connect, publish_replica
 from storage.locks import FileLock
 from storage.schemas import TABLES
 from storage.shards import ShardEntry, shard_intact
@@ -29,12 +31,16 @@ FIRST_BY = {"documents": "source, locator"}
 
 # DuckDB refuses a second connection to one file with another configuration within a process.
 _PROCESS_LOCK = threading.RLock()
+_LOCK_DEPTH: dict[Path, int] = {}  # catalog.lock held by this process (under _PROCESS_LOCK), with nesting depth
+_LAST_PUBLISH: dict[Path, float] = {}  # when each catalog's replica was last published (monotonic seconds)
+REPLICA_INTERVAL = 1.0  # publish the replica at most this often, except where a write asks for it at once
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS manifest (
     stage VARCHAR, key VARCHAR, table_name VARCHAR, path VARCHAR, rows BIGINT, bytes BIGINT,
     checksum VARCHAR, created TIMESTAMP, run_id VARCHAR,
     PRIMARY KEY (stage, key, table_name));
+ALTER TABLE manifest ADD COLUMN IF NOT EXISTS mtime_ns BIGINT;
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY, flow VARCHAR, started TIMESTAMP, finished TIMESTAMP, status VARCHAR,
     config VARCHAR, stats VARCHAR);
@@ -61,11 +67,32 @@ class Catalog:
         self.lock_timeout = lock_timeout
 
     # -- connections -------------------------------------------------------------------------------------
+    @property
+    def replica_path(self) -> Path:
+        return self.root / REPLICA_NAME
+
     @contextmanager
-    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write connection inside one transaction, under the catalog's file lock."""
-        with _PROCESS_LOCK, FileLock(self.root / "catalog.lock", self.lock_timeout, what="catalog"):
-            con = duckdb.connect(str(self.path))
+    def _locked(self) -> Iterator[None]:
+        """Hold this process's lock and `catalog.lock` (re-entrant: nested reads inside a write are fine)."""
+        with _PROCESS_LOCK:
+            depth = _LOCK_DEPTH.get(self.path, 0)
+            lock = FileLock(self.root / "catalog.lock", self.lock_timeout, what="catalog") if not depth else None
+            if lock is not None:
+                lock.acquire()
+            _LOCK_DEPTH[self.path] = depth + 1
+            try:
+                yield
+            finally:
+                _LOCK_DEPTH[self.path] = depth
+                if lock is not None:
+                    lock.release()
+
+    @contextmanager
+    def write(self, publish: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside one transaction, under the catalog's file lock; after the commit
+        the read replica is republished (at once when `publish`, else at most every REPLICA_INTERVAL s)."""
+        with self._locked():
+            con = connect(self.path, wait=self.lock_timeout or 0.0)
             try:
                 con.execute(_DDL)
                 con.execute("BEGIN TRANSACTION")
@@ -73,32 +100,46 @@ class Catalog:
                     yield con
                     con.execute("COMMIT")
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    try:
+                        con.execute("ROLLBACK")
+                    except duckdb.Error:  # a failed COMMIT ends the transaction: keep the original error
+                        pass
                     raise
+                con.execute("CHECKPOINT")
             finally:
                 con.close()
+            last = _LAST_PUBLISH.get(self.path)
+            if publish or last is None or time.monotonic() - last >= REPLICA_INTERVAL \
+                    or not self.replica_path.exists():
+                publish_replica(self.path)
+                _LAST_PUBLISH[self.path] = time.monotonic()
 
     @contextmanager
     def read(self, retry_seconds: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection; waits while a writer holds the file."""
+        """A read-only connection to the catalog itself, for the pipeline's own code (people use the replica)."""
         if not self.path.exists():
             with self.write():
                 pass
             self.refresh_views()
-        deadline = time.monotonic() + retry_seconds
-        with _PROCESS_LOCK:
-            while True:
-                try:
-                    con = duckdb.connect(str(self.path), read_only=True)
-                    break
-                except duckdb.IOException:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+        with self._locked():
+            con = connect(self.path, read_only=True, wait=retry_seconds)
             try:
                 yield con
             finally:
                 con.close()
+
+    def check(self) -> None:
+        """Raise CatalogDamagedError now if the catalog file exists but cannot be opened."""
+        if self.path.exists():
+            with self._locked():
+                connect(self.path, read_only=True).close()
+
+    def replica(self) -> Path:
+        """The read replica, published now if it is missing (a store written before replicas existed)."""
+        if not self.replica_path.exists():
+            with self.write(publish=True):
+                pass
+        return self.replica_path
 
     # -- manifest ----------------------------------------------------------------------------------------
     def manifest(self) -> Manifest:
@@ -107,8 +148,8 @@ class Catalog:
             return {}
         with self.read() as con:
             rows = con.execute(
-                "SELECT stage, key, table_name, path, rows, bytes, checksum FROM manifest ORDER BY 1, 2, 3"
-            ).fetchall()
+                "SELECT stage, key, table_name, path, rows, bytes, checksum, coalesce(mtime_ns, 0) FROM manifest "
+                "ORDER BY 1, 2, 3").fetchall()
         out: Manifest = {}
         for r in rows:
             out.setdefault((r[0], r[1]), []).append(ShardEntry(*r))
@@ -121,8 +162,9 @@ class Catalog:
         with self.write() as con:
             for e in entries:
                 con.execute(
-                    "INSERT OR REPLACE INTO manifest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [e.stage, e.key, e.table, e.path, e.rows, e.bytes, e.checksum, _now(), run_id],
+                    "INSERT OR REPLACE INTO manifest (stage, key, table_name, path, rows, bytes, checksum, created, "
+                    "run_id, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [e.stage, e.key, e.table, e.path, e.rows, e.bytes, e.checksum, _now(), run_id, e.mtime_ns],
                 )
 
     def unregister(self, stage: str, key: str) -> None:
@@ -138,11 +180,22 @@ class Catalog:
             )
 
     def finish_run(self, run_id: str, status: str, stats: dict) -> None:
-        with self.write() as con:
+        with self.write(publish=True) as con:
             con.execute(
                 "UPDATE runs SET finished = ?, status = ?, stats = ? WHERE run_id = ?",
                 [_now(), status, json.dumps(stats, default=str), run_id],
             )
+
+    def mark_crashed(self) -> int:
+        """Runs left `running` by a process that died (call only while holding the store's writer lock: then
+        no run of another process is alive) become `crashed`; returns how many."""
+        if not self.path.exists():
+            return 0
+        with self.write() as con:
+            n = con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
+            con.execute("UPDATE runs SET status = 'crashed', finished = coalesce(finished, ?) "
+                        "WHERE status = 'running'", [_now()])
+        return int(n)
 
     # -- scans and document status (the nightly refresh) --------------------------------------------------
     def record_scan(self, scan_id: str, units: list[tuple[str, str, str, str]]) -> None:
@@ -209,7 +262,7 @@ class Catalog:
 
     def refresh_views(self) -> None:
         """(Re)create one view per table over exactly the shards the manifest lists."""
-        with self.write() as con:
+        with self.write(publish=True) as con:
             for table in TABLES:
                 paths = [str(self._schema_file(table))] + [
                     r[0] for r in con.execute(

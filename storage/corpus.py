@@ -4,8 +4,11 @@ Source specs (each `--source`, or each entry of `sources:` in a config):
 
   FILE     one file; its kind comes from the extension: .txt, .md/.markdown, .html/.htm, .jsonl, .parquet,
            .csv. A file named explicitly with any other extension is read as plain text.
-  FOLDER   every file below it (recursively) whose extension is in `extensions`; hidden files and folders
-           (".name") and other extensions are skipped silently (and counted).
+  FOLDER   every file below it (recursively) whose extension is in `extensions`. Everything else is skipped,
+           counted in the stage stats and listed in `rejects` with its reason: skipped_hidden (".name" files
+           and folders), skipped_extension, skipped_compressed (.gz, .zst, ...: not decompressed),
+           dangling_link, link_loop, skipped_linked_folder (symlinked folders are not followed),
+           skipped_not_regular (fifos, sockets, devices).
   GLOB     e.g. "corpus/**/*.md" ("**" crosses folders). Matches are filtered like a folder's files, unless
            the pattern ends in a literal extension ("logs/*.log"), which takes every match as named.
   synthetic://facts?n=50&seed=0[&entities=4&relations=2&pool=32&name_seed=1234]
@@ -22,17 +25,20 @@ Text is decoded by detection when it is not UTF-8 (the encoding is recorded), no
 newlines, no trailing spaces, one blank line at most) and identified by doc_id = sha256(text)[:32];
 a document repeated within a unit is kept once.
 
+A spec with an unknown scheme (ftp://, s3://, ...) is an `unknown_scheme` reject; it and a `not_found` spec
+(nothing there) stop the ingest stage unless `allow_missing` (`--allow-missing`) is set.
 Bad input never stops a run: it becomes a `rejects` row (stage "ingest") with one of these reasons:
-  not_found, bad_spec, unreadable_file, empty, too_short, too_large, binary, undecodable, malformed_jsonl,
+  not_found, unknown_scheme, bad_spec, unreadable_file, empty, too_short, too_large, binary, undecodable, malformed_jsonl,
   malformed_csv, unreadable_parquet, unreadable_dataset, missing_column, not_text, read_error.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
-from collections import Counter
+import re
 from pathlib import Path
 from urllib.parse import quote, unquote, urlencode
 
@@ -43,16 +49,53 @@ from storage.hashing import canonical_json, file_sha256
 from storage.sources import IngestConfig, SourceUnit
 from storage.synthetic import registered_worlds, world_named
 
-__all__ = ["IngestConfig", "SourceUnit", "expand_sources", "read_unit", "normalise_text", "doc_id_for",
+__all__ = ["IngestConfig", "SourceNotFoundError", "SourceUnit", "check_sources_found", "expand_sources",
+           "quick_source_rejects", "read_unit", "normalise_text", "doc_id_for",
            "KIND_BY_EXTENSION", "REASONS"]
 
 KIND_BY_EXTENSION = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html",
                      ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-REASONS = ("not_found", "bad_spec", "unreadable_file", "empty", "too_short", "too_large", "binary", "undecodable",
+SKIP_REASONS = ("skipped_hidden", "skipped_extension", "skipped_compressed", "dangling_link", "link_loop",
+                "skipped_linked_folder", "skipped_not_regular")
+REASONS = ("not_found", "unknown_scheme", "bad_spec", "unreadable_file", "empty", "too_short", "too_large", "binary", "undecodable",
            "malformed_jsonl", "malformed_csv", "unreadable_parquet", "unreadable_dataset", "missing_column",
-           "not_text", "read_error")
+           "not_text", "read_error") + SKIP_REASONS
+SCHEMES = ("file://", "synthetic://", "datasets://")
+COMPRESSED = {".gz", ".zst", ".bz2", ".xz", ".lz4", ".zip", ".7z", ".tgz"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 DATASETS_ARGS = ("data_files", "split", "name", "data_dir", "revision")
 _GLOB_CHARS = set("*?[")
+
+
+class SourceNotFoundError(ValueError):
+    """A source that does not exist, matches nothing, or has a scheme no reader knows."""
+
+
+def check_sources_found(rejects: list[dict], cfg: IngestConfig) -> None:
+    """Raise SourceNotFoundError naming the first missing or unknown source, unless `cfg.allow_missing`."""
+    bad = [r for r in rejects if r["reason"] in ("not_found", "unknown_scheme")]
+    if bad and not cfg.allow_missing:
+        more = f" (and {len(bad) - 1} more source(s))" if len(bad) > 1 else ""
+        raise SourceNotFoundError(
+            f"Source {bad[0]['source']!r}: {bad[0]['detail'].rstrip('.')}{more}. Known schemes: "
+            f"{', '.join(SCHEMES)}, or a local file, folder or glob. Pass --allow-missing to record it as a "
+            "reject and go on.")
+
+
+def quick_source_rejects(specs: list[str]) -> list[dict]:
+    """Rejects for specs with an unknown scheme or a local path that does not exist (no file is read)."""
+    out = []
+    for spec in map(str, specs):
+        scheme = _SCHEME.match(spec)
+        if scheme and scheme.group(1).lower() in ("synthetic", "datasets"):
+            continue
+        if scheme and not spec.startswith("file://"):
+            out.append(_reject(spec, "unknown_scheme", f"No reader knows the scheme {scheme.group(1)}://"))
+            continue
+        raw = os.path.expanduser(unquote(spec[len("file://"):]) if spec.startswith("file://") else spec)
+        if not os.path.lexists(raw) and not (_GLOB_CHARS & set(raw) and glob.glob(raw, recursive=True)):
+            out.append(_reject(spec, "not_found", f"{os.path.abspath(raw)} does not exist"))
+    return out
 
 
 def _reject(source: str, reason: str, detail: str) -> dict:
@@ -62,33 +105,61 @@ def _reject(source: str, reason: str, detail: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------- expand
 
+class Skipped:
+    """Files and folders a folder walk or glob passed over, each with its reason."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, str]] = []
+
+    def add(self, path: Path, reason: str, detail: str) -> None:
+        self.items.append((os.path.abspath(path), reason, detail))
+
+    def count(self, reason: str) -> int:
+        return sum(1 for _, r, _ in self.items if r == reason)
+
+    def rejects(self) -> list[dict]:
+        """One REJECTS row per skipped path (each path once)."""
+        seen, out = set(), []
+        for path, reason, detail in self.items:
+            if path not in seen:
+                seen.add(path)
+                out.append({"stage": "ingest", "source": path, "item": "", "reason": reason, "detail": detail})
+        return out
+
+
 def expand_sources(specs: list[str], cfg: IngestConfig, *, stats: dict | None = None
                    ) -> tuple[list[SourceUnit], list[dict]]:
     """Specs -> units sorted by source (each source once), plus rejects for specs that match nothing.
 
-    When `stats` is given it is filled with counts: units, rejects, skipped_hidden, skipped_extension.
+    When `stats` is given it is filled with counts (units, rejects, one per skip reason) and `skipped`: a
+    REJECTS row for every file or folder that was passed over (the ingest stage writes them).
     """
     units: dict[str, SourceUnit] = {}
     rejects: list[dict] = []
-    counts: Counter[str] = Counter()
+    skipped = Skipped()
     for spec in specs:
-        found, bad = _expand_spec(str(spec), cfg, counts)
+        found, bad = _expand_spec(str(spec), cfg, skipped)
         rejects.extend(bad)
         for unit in found:
             units.setdefault(unit.source, unit)
     out = sorted(units.values(), key=lambda u: (u.source, u.kind))
     if stats is not None:
-        stats.update(units=len(out), rejects=len(rejects), skipped_hidden=counts["hidden"],
-                     skipped_extension=counts["extension"])
+        stats.update(units=len(out), rejects=len(rejects))
+        stats.update({r: skipped.count(r) for r in SKIP_REASONS})
+        stats["skipped"] = skipped.rejects()
     return out, rejects
 
 
-def _expand_spec(spec: str, cfg: IngestConfig, counts: Counter) -> tuple[list[SourceUnit], list[dict]]:
+def _expand_spec(spec: str, cfg: IngestConfig, counts: Skipped) -> tuple[list[SourceUnit], list[dict]]:
     """One spec -> its units and rejects."""
     if spec.startswith("synthetic://"):
         return _synthetic_unit(spec)
     if spec.startswith("datasets://"):
         return _datasets_unit(spec)
+    scheme = _SCHEME.match(spec)
+    if scheme and not spec.startswith("file://"):
+        return [], [_reject(spec, "unknown_scheme", f"No reader knows the scheme {scheme.group(1)}://; known: "
+                            f"{', '.join(SCHEMES)}, or a local file, folder or glob.")]
     raw = unquote(spec[len("file://"):]) if spec.startswith("file://") else spec
     path = Path(os.path.expanduser(raw))
     if path.is_dir():
@@ -113,32 +184,66 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk(root: Path, cfg: IngestConfig, counts: Counter) -> list[tuple[Path, str]]:
-    """Files under a folder with an accepted extension, skipping (and counting) hidden and other files."""
+def _link_problem(path: Path) -> str:
+    """'dangling_link' or 'link_loop' for a symlink that cannot be followed, else ''."""
+    try:
+        os.stat(path)
+        return ""
+    except OSError as exc:
+        return "link_loop" if exc.errno == errno.ELOOP else "dangling_link"
+
+
+def _skip_folder(path: Path, root: Path, skipped: Skipped) -> bool:
+    """True (recorded) if the walk must not enter this sub-folder."""
+    if _hidden(path.name):
+        skipped.add(path, "skipped_hidden", f"{path} is a hidden folder; its files are not read.")
+        return True
+    if path.is_symlink():
+        problem = _link_problem(path)
+        target = os.path.realpath(path)
+        if not problem and (Path(root).resolve().as_posix() + "/").startswith(target.rstrip("/") + "/"):
+            problem = "link_loop"
+        if problem:
+            skipped.add(path, problem, f"{path} is a symbolic link that cannot be followed ({problem}).")
+        else:
+            skipped.add(path, "skipped_linked_folder", f"{path} links to the folder {target}; symlinked folders "
+                        "are not followed (name it as a source of its own to read it).")
+        return True
+    return False
+
+
+def _walk(root: Path, cfg: IngestConfig, skipped: Skipped) -> list[tuple[Path, str]]:
+    """Files under a folder with an accepted extension; everything passed over is recorded with its reason."""
     files = []
     for folder, dirs, names in os.walk(root):
-        counts["hidden"] += sum(_hidden(d) for d in dirs)
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        dirs[:] = sorted(d for d in dirs if not _skip_folder(Path(folder) / d, root, skipped))
         for name in sorted(names):
-            kind = _accepted(Path(folder) / name, cfg, counts)
+            kind = _accepted(Path(folder) / name, cfg, skipped)
             if kind:
                 files.append((Path(folder) / name, kind))
     return files
 
 
-def _accepted(path: Path, cfg: IngestConfig, counts: Counter) -> str:
-    """The kind of a file found in a folder or glob, or '' (counted) when it is skipped."""
-    if _hidden(path.name):
-        counts["hidden"] += 1
-        return ""
+def _accepted(path: Path, cfg: IngestConfig, skipped: Skipped) -> str:
+    """The kind of a file found in a folder or glob, or '' (recorded with its reason) when it is skipped."""
     ext = path.suffix.lower()
-    if ext not in cfg.extensions or not path.is_file():
-        counts["extension"] += 1
-        return ""
-    return KIND_BY_EXTENSION.get(ext, "txt")
+    if _hidden(path.name):
+        skipped.add(path, "skipped_hidden", f"{path.name} is a hidden file.")
+    elif path.is_symlink() and (problem := _link_problem(path)):
+        skipped.add(path, problem, f"{path} is a symbolic link that cannot be followed ({problem}).")
+    elif ext in COMPRESSED and ext not in cfg.extensions:
+        skipped.add(path, "skipped_compressed", f"{path.name} is compressed ({ext}); decompress it to ingest it.")
+    elif ext not in cfg.extensions:
+        skipped.add(path, "skipped_extension", f"{path.name}: the extension {ext or '(none)'} is not in "
+                    f"ingest.extensions ({', '.join(cfg.extensions)}).")
+    elif not path.is_file():
+        skipped.add(path, "skipped_not_regular", f"{path} is not a regular file.")
+    else:
+        return KIND_BY_EXTENSION.get(ext, "txt")
+    return ""
 
 
-def _glob(pattern: str, cfg: IngestConfig, counts: Counter) -> list[tuple[Path, str]]:
+def _glob(pattern: str, cfg: IngestConfig, counts: Skipped) -> list[tuple[Path, str]]:
     """Files matching a glob: folders are walked; a literal extension in the pattern takes every match."""
     suffix = os.path.splitext(os.path.basename(pattern))[1]
     literal = bool(suffix) and not (_GLOB_CHARS & set(suffix))

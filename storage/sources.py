@@ -31,6 +31,8 @@ class IngestConfig(BaseModel):
     extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS),
                                   description="File extensions picked up inside folders and globs; unknown "
                                   "ones are read as plain text.")
+    allow_missing: bool = Field(False, exclude=True, description="A source that does not exist or has an unknown "
+                                "scheme is a reject, not an error (--allow-missing). Not part of cache keys.")
     datasets_cache_dir: str | None = Field(None, exclude=True, description="cache_dir for datasets.load_dataset "
                                            "(default: the Hugging Face cache). Not part of cache keys.")
 

@@ -1,7 +1,8 @@
 """A store: one folder holding shards, the catalog, cached model folders and the writer lock.
 
     store/
-      catalog.duckdb        manifest, runs, views
+      catalog.duckdb        manifest, runs, views (opened only by the pipeline, under catalog.lock)
+      catalog-replica.duckdb  the copy people query (republished after each commit)
       shards/<table>/<stage>-<key>.parquet
       schemas/<table>.parquet   empty files that give each view its columns
       models/<name>/        base models converted or built once and reused
@@ -17,9 +18,10 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from storage.catalog import Catalog, Manifest, unit_done
+from storage.catalog import Catalog, Manifest
+from storage.catalog_files import CatalogDamagedError
 from storage.locks import FileLock
-from storage.shards import ShardEntry, temporary_files, write_shard
+from storage.shards import ShardEntry, shard_intact, temporary_files, write_shard
 
 
 _held: dict[Path, int] = {}  # writer locks this process holds, by store root, with nesting depth
@@ -34,6 +36,8 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(self.root)
         self.lock_timeout = lock_timeout
+        self.damaged: list[str] = []  # registered shards found missing or altered by done(): their units rerun
+        self.crashed_runs = 0  # runs of dead processes marked `crashed` when this store's writer lock was taken
 
     @property
     def models_dir(self) -> Path:
@@ -54,6 +58,10 @@ class Store:
             if depth == 0:
                 lock = self.writer_lock().acquire()
                 self.clean_temporary_files()
+                try:
+                    self.crashed_runs = self.catalog.mark_crashed()
+                except CatalogDamagedError:
+                    pass  # every stage then fails with the message naming the rebuild; `index --rebuild` fixes it
             yield
         finally:
             if lock is not None:
@@ -61,16 +69,25 @@ class Store:
             with _held_lock:
                 _held[self.root] -= 1
 
-    def write_unit(self, stage: str, key: str, tables: dict[str, pa.Table]) -> list[ShardEntry]:
-        """Write every table of one unit as its own shard (empty tables other than the first are skipped)."""
+    def write_unit(self, stage: str, key: str, tables: dict[str, pa.Table],
+                   inputs: list[str] | None = None) -> list[ShardEntry]:
+        """Write every table of one unit as its own shard (empty tables other than the first are skipped);
+        `inputs` names the shards or sources it was made from (recorded in each shard's metadata)."""
         entries = []
         for i, (name, table) in enumerate(tables.items()):
             if i == 0 or table.num_rows:
-                entries.append(write_shard(self.root, stage, key, name, table))
+                entries.append(write_shard(self.root, stage, key, name, table, inputs))
         return entries
 
-    def done(self, manifest: Manifest, stage: str, key: str) -> bool:
-        return unit_done(manifest, stage, key)
+    def done(self, manifest: Manifest, stage: str, key: str, verify: bool = False) -> bool:
+        """True if the unit is registered and its shards are intact; a registered shard that is missing or
+        altered is remembered in `damaged` (the caller redoes the unit, and the run names the shard)."""
+        entries = manifest.get((stage, key))
+        if not entries:
+            return False
+        bad = [e.path for e in entries if not shard_intact(e, verify_checksum=verify)]
+        self.damaged.extend(bad)
+        return not bad
 
     def clean_temporary_files(self) -> int:
         """Remove temporary files left by dead writers; call only while holding the writer lock."""

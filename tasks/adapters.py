@@ -21,7 +21,9 @@ def checkpoint_folder(checkpoint: str) -> tuple[Path, Path]:
         return p, p.parent.parent
     newest = latest_checkpoint(p)
     if newest is None:
-        raise FileNotFoundError(f"No checkpoint under {p}: give a run folder (store/hypernets/NAME) or a "
+        from model.training.checkpoint_checks import CheckpointError
+
+        raise CheckpointError(f"No checkpoint under {p}: give a run folder (store/hypernets/NAME) or a "
                                 "checkpoint folder (.../checkpoints/step-XXXXXXXX).")
     return Path(newest), p
 
@@ -38,10 +40,10 @@ def internalize_to_peft(document: str, checkpoint: str, out_dir: str, base_model
     from model.hypernet.peft_export import export_peft
 
     ckpt, run = checkpoint_folder(checkpoint)
+    net = load_hypernet(ckpt)  # validated (no pickle, sizes match the weights) before anything else is loaded
     model_dir = base_model or json.loads((run / "base_model.json").read_text())["model_dir"]
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
-    net = load_hypernet(ckpt)
     t0 = time.perf_counter()
     with torch.no_grad():
         adapter = internalize(base, tok, net, document, chunk_max_tokens=chunk_max_tokens, merge=merge)

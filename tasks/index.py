@@ -6,15 +6,23 @@ from typing import Any
 
 from prefect import task
 
+from storage.rebuild import rebuild_catalog
 from storage.schemas import TABLES
 from storage.store import Store
 
-__all__ = ["refresh_catalog", "table_counts"]
+__all__ = ["rebuild_catalog_task", "refresh_catalog", "table_counts"]
+
+
+@task(name="rebuild-catalog")
+def rebuild_catalog_task(store_root: str) -> dict[str, Any]:
+    """Rebuild the manifest from the shards' own metadata (and train_metrics from metrics.jsonl)."""
+    return rebuild_catalog(store_root)
 
 
 @task(name="refresh-catalog")
-def refresh_catalog(store_root: str, verify_checksums: bool = True) -> dict[str, Any]:
-    """Drop manifest entries whose shard is missing or altered (their unit reruns), then rebuild the views."""
+def refresh_catalog(store_root: str, verify_checksums: bool = False) -> dict[str, Any]:
+    """Drop manifest entries whose shard is missing or altered (their unit reruns), then rebuild the views.
+    Size + mtime is the fast check (a changed mtime reads the checksum); `verify_checksums` reads every file."""
     store = Store(store_root)
     bad = store.catalog.verify(checksums=verify_checksums)
     for e in bad:

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from model.toy.world import synthetic_world
-from storage.corpus import IngestConfig, SourceUnit, expand_sources, read_unit
+from storage.corpus import SKIP_REASONS, IngestConfig, SourceNotFoundError, SourceUnit, check_sources_found, expand_sources, read_unit
 from storage.hashing import content_key
 from storage.schemas import to_table
 from storage.store import Store
@@ -18,7 +18,8 @@ INGEST_VERSION = "1"  # bump when the readers change what they produce
 
 register_world(synthetic_world())  # synthetic://facts?... (the toy world)
 
-__all__ = ["INGEST_VERSION", "IngestConfig", "SourceUnit", "expand_sources", "ingest_key", "ingest_unit",
+__all__ = ["INGEST_VERSION", "SKIP_REASONS", "IngestConfig", "SourceNotFoundError", "SourceUnit", "check_sources_found",
+           "expand_sources", "ingest_key", "ingest_unit",
            "spec_rejects_unit"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,65 @@ def test_pickles_are_refused(tmp_path, base):
     (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
     with pytest.raises(UnsafeCheckpointError):
         load_hypernet(folder)
+
+
+def _saved(tmp_path, base) -> Path:
+    net, _, _ = make(base)
+    folder = tmp_path / "good"
+    save_checkpoint(folder, net, config=net.config, step=1)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["hyper_config.json", "state.json", "notes.json", "model.safetensors", "weights"])
+def test_pickles_of_every_protocol_and_name_are_refused(tmp_path, base, name):
+    folder = _saved(tmp_path, base)
+    for protocol in (0, 1, 2, 5):
+        (folder / name).write_bytes(pickle.dumps({"latent_dim": 8}, protocol=protocol))
+        with pytest.raises(UnsafeCheckpointError, match="never unpickles"):
+            load_hypernet(folder)
+
+
+def test_huge_sizes_in_hyper_config_are_refused_before_allocation(tmp_path, base):
+    from model.training.checkpoint import CheckpointError
+
+    folder = _saved(tmp_path, base)
+    assert load_hypernet(folder) is not None
+    cfg = json.loads((folder / "hyper_config.json").read_text())
+    cfg.update(latent_dim=200_000, latent_count=100_000)  # ~160 GB of parameters if it were built
+    (folder / "hyper_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match model.safetensors"):
+        load_hypernet(folder)
+    (folder / "hyper_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_hypernet(folder)
+
+
+def test_a_safetensors_header_that_overruns_its_file_is_refused(tmp_path, base):
+    from model.training.checkpoint import CheckpointError
+
+    folder = _saved(tmp_path, base)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # the header promises more bytes than the file holds
+    with pytest.raises(CheckpointError, match="does not fit the file"):
+        load_hypernet(folder)
+
+
+def test_cli_prints_one_line_for_a_bad_checkpoint(tmp_path, base):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    folder = _saved(tmp_path, base)
+    cfg = json.loads((folder / "hyper_config.json").read_text())
+    (folder / "hyper_config.json").write_text(json.dumps(dict(cfg, latent_dim=200_000, latent_count=100_000)))
+    runner = CliRunner()
+    for cmd in (["internalize", "some text", "--checkpoint", str(folder), "--out", str(tmp_path / "a")],
+                ["internalize", "some text", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 2 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output, res.output
+    (folder / "hyper_config.json").write_text(json.dumps(cfg))
+    (folder / "extra.json").write_bytes(pickle.dumps({"a": 1}, protocol=0))
+    res = runner.invoke(app, ["internalize", "x", "--checkpoint", str(folder), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "never unpickles" in res.output and not (tmp_path / "a").exists()

@@ -92,7 +92,46 @@ def test_expand_folder_recursive_skips_hidden_and_unsupported(tmp_path):
     assert [u.kind for u in units] == ["md", "txt", "jsonl", "html", "csv"]
     assert all(os.path.isabs(u.source) for u in units)
     assert units[1].fingerprint == hashlib.sha256(b"bee").hexdigest()
-    assert stats == {"units": 5, "rejects": 0, "skipped_hidden": 2, "skipped_extension": 2}
+    skipped = stats.pop("skipped")
+    assert stats == {"units": 5, "rejects": 0, "skipped_hidden": 2, "skipped_extension": 2, "skipped_compressed": 0,
+                     "dangling_link": 0, "link_loop": 0, "skipped_linked_folder": 0, "skipped_not_regular": 0}
+    assert sorted((Path(r["source"]).name, r["reason"]) for r in skipped) == [
+        (".git", "skipped_hidden"), (".hidden.txt", "skipped_hidden"), ("image.png", "skipped_extension"),
+        ("notes.log", "skipped_extension")]
+
+
+def test_every_skipped_file_is_listed_with_its_reason(tmp_path):
+    write(tmp_path / "good.txt", "good")
+    write(tmp_path / "packed.txt.gz", b"\x1f\x8b\x08\x00")
+    write(tmp_path / "other" / "x.txt", "elsewhere")
+    os.symlink(tmp_path / "gone.txt", tmp_path / "dangling.txt")
+    os.symlink(tmp_path / "loop-b.txt", tmp_path / "loop-a.txt")
+    os.symlink(tmp_path / "loop-a.txt", tmp_path / "loop-b.txt")
+    os.symlink(tmp_path, tmp_path / "self")  # a folder link back to the root
+    os.symlink(tmp_path / "other", tmp_path / "elsewhere")
+    stats: dict = {}
+    units, rejects = expand_sources([str(tmp_path)], CFG, stats=stats)
+    assert rejects == [] and sorted(Path(u.source).name for u in units) == ["good.txt", "x.txt"]
+    got = sorted((Path(r["source"]).name, r["reason"]) for r in stats["skipped"])
+    assert got == [("dangling.txt", "dangling_link"), ("elsewhere", "skipped_linked_folder"),
+                   ("loop-a.txt", "link_loop"), ("loop-b.txt", "link_loop"), ("packed.txt.gz", "skipped_compressed"),
+                   ("self", "link_loop")]
+    assert (stats["dangling_link"], stats["link_loop"], stats["skipped_compressed"]) == (1, 3, 1)
+    assert all(r["stage"] == "ingest" and r["detail"] for r in stats["skipped"])
+
+
+def test_unknown_scheme_and_missing_source_are_errors_unless_allowed(tmp_path):
+    from storage.corpus import SourceNotFoundError, check_sources_found
+
+    for spec in ("ftp://example.com/x.txt", "s3://bucket/key.txt", str(tmp_path / "nope.txt")):
+        units, rejects = expand_sources([spec], CFG)
+        assert units == [] and reasons(rejects) == ["unknown_scheme" if "://" in spec else "not_found"]
+        with pytest.raises(SourceNotFoundError) as err:
+            check_sources_found(rejects, CFG)
+        line = str(err.value)
+        assert "\n" not in line and spec in line and "synthetic://" in line and "datasets://" in line
+        assert "--allow-missing" in line
+        check_sources_found(rejects, CFG.model_copy(update={"allow_missing": True}))  # no error
 
 
 def test_expand_globs_explicit_files_and_dedup(tmp_path, monkeypatch):

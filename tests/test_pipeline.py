@@ -83,7 +83,7 @@ def test_bad_inputs_are_rejected_and_good_files_ingested(prefect_server, tmp_pat
     (src / "bad.parquet").write_bytes(b"PAR1 this is not really parquet PAR1")
     pq.write_table(pa.table({"body": ["no text column here"]}), src / "nocol.parquet")
     cfg = config_for(tmp_path / "store", [str(src), str(tmp_path / "missing-folder")], tiny_tokenizer_dir,
-                     **{"ingest.max_bytes": 4000})
+                     **{"ingest.max_bytes": 4000, "ingest.allow_missing": "true"})  # the missing folder: a reject
     stats = pipeline_flow(cfg)
     cat = Catalog(cfg.store)
     reasons = {r[0]: r[1] for r in run_query(cat, "SELECT reason, string_agg(source, ',') FROM rejects GROUP BY 1")[1]}

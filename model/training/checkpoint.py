@@ -26,15 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from model.training.checkpoint_checks import (PICKLE_SUFFIXES, CheckpointError, UnsafeCheckpointError,
+                                              check_hypernet_files, refuse_pickle)
 from storage.fsutil import atomic_folder
+
+__all__ = ["PICKLE_SUFFIXES", "CheckpointError", "UnsafeCheckpointError", "atomic_folder_write", "load_checkpoint",
+           "load_hypernet", "refuse_pickle", "rng_state", "save_checkpoint", "set_rng_state"]
 
 FORMAT = "doc2lora-checkpoint"
 VERSION = 1
-PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar", ".zip"}
-
-
-class UnsafeCheckpointError(ValueError):
-    """The path holds a pickle-based checkpoint (torch.save / pickle), which we never load."""
 
 
 # -- nested state <-> (JSON, flat tensors)
@@ -118,26 +118,6 @@ def atomic_folder_write(dest: str | Path, write) -> Path:
     return Path(dest)
 
 
-def refuse_pickle(path: str | Path) -> None:
-    """Raise UnsafeCheckpointError if `path` is, or (a folder) holds, a pickle / torch.save file.
-
-    A folder is refused when any file in it looks like one (by suffix, or by a pickle / zip magic in a
-    file that is not .safetensors / .json), even a complete doc2lora checkpoint with one planted in it.
-    """
-    path = Path(path)
-    files = [path] if path.is_file() else list(path.glob("*"))
-    for f in files:
-        head = b""
-        if f.is_file() and f.suffix.lower() not in (".safetensors", ".json"):
-            with open(f, "rb") as fh:
-                head = fh.read(2)
-        if f.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK":
-            raise UnsafeCheckpointError(
-                f"{f} looks like a pickle / torch.save file; doc2lora never unpickles (arbitrary code "
-                "execution). Convert it to safetensors in a trusted environment first."
-            )
-
-
 def save_checkpoint(
     folder: str | Path,
     model: nn.Module,
@@ -208,7 +188,14 @@ def load_hypernet(folder: str | Path, map_location: str | torch.device = "cpu"):
     from model.hypernet.network import HyperNetwork
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder.")
     refuse_pickle(folder)
-    net = HyperNetwork(HyperConfig.load(folder))
+    try:
+        config = HyperConfig.load(folder)
+    except Exception as exc:  # noqa: BLE001 - a missing, malformed or unknown-key hyper_config.json
+        raise CheckpointError(f"{folder}/hyper_config.json cannot be read: {exc}") from None
+    check_hypernet_files(folder, config)  # before any tensor is allocated
+    net = HyperNetwork(config)
     net.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(map_location)), strict=True)
     return net.to(map_location)
