@@ -40,6 +40,7 @@ def test_help_and_sql_import_neither_torch_nor_prefect(tmp_path):
     res = probe(["--help"])
     assert res["code"] == 0 and "sql" in res["output"]
     assert res["loaded"] == []
+    Catalog(tmp_path / "store").refresh_views()  # an empty store with its catalog
     res = probe(["sql", "SELECT 1 AS one", "--store", str(tmp_path / "store"), "-f", "csv"])
     assert res["code"] == 0 and res["output"].splitlines() == ["one", "1"]
     assert res["loaded"] == []
