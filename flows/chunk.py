@@ -12,6 +12,7 @@ from flows.runs import stage_run
 from tasks.chunk import chunk_key, chunk_unit, tokenizer_id
 from tasks.common import ShardEntry, entries_from_dicts
 from tasks.models import resolve_model
+from tasks.stage_skip import StageSkip, stage_settings
 
 
 @flow(name="chunk", log_prints=True)
@@ -21,12 +22,15 @@ def chunk_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     One task per documents shard, run by `config.runner` (flows/runners.py); only this process writes the
     catalog."""
     with stage_run(config, "chunk") as (store, run_id, stats):
-        model_dir = resolve_model(config.base_model, str(store.root))
-        fp = tokenizer_id(model_dir)
         manifest = store.catalog.manifest()
         doc_shards = sorted((e for entries in manifest.values() for e in entries if e.table == "documents"),
                             key=lambda e: e.path)
         stats.update(shards=len(doc_shards), done_before=0, written=0, chunks=0, rejects=0)
+        skip = StageSkip(store, "chunk", stage_settings(config, str(store.root), "chunk"), manifest)
+        if skip.unchanged(stats, len(doc_shards)):
+            return dict(stats)
+        model_dir = resolve_model(config.base_model, str(store.root))
+        fp = tokenizer_id(model_dir)
 
         def plan(e: ShardEntry) -> dict[str, Any] | str:
             key = chunk_key(e.key, fp, config.chunk)
@@ -43,4 +47,5 @@ def chunk_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
 
         run_units(config.runner, chunk_unit, doc_shards, plan, done, stats=stats, stage="chunk", unit="shard",
                   progress=config.progress)
+        skip.record(run_id, stats)
         return dict(stats)

@@ -115,11 +115,18 @@ def _stage_command(flow_name: str, doc: str):
                                            "an unknown scheme becomes a reject instead of an error."),
     ) -> None:
         extra = ["ingest.allow_missing=true"] if allow_missing else []
+        if flow_name == "pipeline":  # an up-to-date store is answered before Prefect is imported
+            from flows.uptodate import CliRun
+
+            cli_run = CliRun(config, [*sets, *extra], store, source, base_model)
+            if cli_run.shortcut():
+                return
         cfg = _config(config, [*sets, *extra], store, source, base_model, lock_timeout, progress)
         stats = _run_stage(flow_name, cfg)
         if flow_name == "pipeline":
             from flows.summary import print_pipeline_summary
 
+            cli_run.remember(cfg, stats)
             print_pipeline_summary(stats)
         else:
             import json

@@ -12,6 +12,7 @@ from flows.runners import run_units
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
 from tasks.generation import generator_identity
+from tasks.stage_skip import StageSkip, stage_settings
 from tasks.teacher import teacher_unit
 
 
@@ -22,6 +23,10 @@ def teacher_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     One task per questions shard, run by `config.runner` (model-bound: `runner.model_concurrency` at once);
     only this process writes the catalog."""
     with stage_run(config, "teacher") as (store, run_id, stats):
+        manifest = store.catalog.manifest()
+        skip = StageSkip(store, "teacher", stage_settings(config, str(store.root), "teacher"), manifest)
+        if skip.unchanged(stats, sum(e.table == "documents" for es in manifest.values() for e in es)):
+            return dict(stats)
         model_dir, manifest, chains = current_lineages(config, str(store.root))
         teacher_id = generator_identity(config.teacher.generator, model_dir)
         stats.update(units=len(chains), done_before=0, written=0, waiting_for_questions=0, samples=0,
@@ -47,4 +52,5 @@ def teacher_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
 
         run_units(config.runner, teacher_unit, chains, plan, done, stats=stats, stage="teacher", unit="shard",
                   progress=config.progress, model_bound=True)
+        skip.record(run_id, stats)
         return dict(stats)

@@ -11,6 +11,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.base_models import load_tokenizer
+from model.folder_fingerprints import tokenizer_id_cached
 from model.text.chunking import ChunkConfig, chunk_document, tokenizer_fingerprint
 from storage.hashing import content_key
 from storage.schemas import to_table
@@ -46,8 +47,9 @@ def _tokenizer(model_dir: str):
 
 
 def tokenizer_id(model_dir: str) -> str:
-    """The fingerprint of the tokenizer in `model_dir` (part of every chunk key)."""
-    return tokenizer_fingerprint(_tokenizer(model_dir))
+    """The fingerprint of the tokenizer in `model_dir` (part of every chunk key); cached with the folder, so
+    a run whose chunks are all done never loads the tokenizer (model/folder_fingerprints.py)."""
+    return tokenizer_id_cached(model_dir, lambda: tokenizer_fingerprint(_tokenizer(model_dir)))
 
 
 def chunk_key(documents_key: str, tokenizer_fp: str, cfg: ChunkStageConfig) -> str:

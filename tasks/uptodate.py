@@ -1,0 +1,187 @@
+"""Is a whole pipeline run already done? Decided from files and one catalog connection, without Prefect,
+torch or transformers: the fast path of `d2l run` on a finished store (flows/uptodate.py, docs/operating.md).
+
+After a pipeline run that left nothing undone, the command line records a row in `pipeline_uptodate`:
+
+- `invocation`: a hash of what determines the run's effective config and code: the working folder, the
+  config file's bytes, the command-line options, every file of the project's packages and the versions of
+  the libraries that shape the outputs;
+- `config`: the effective config (JSON), `stats`: the run's stats, `scan`: the (source, kind, fingerprint) of every source unit the
+  run ingested, `models`: a digest of every model folder it used, `manifest`: a digest of the manifest
+  after the run.
+
+A later `d2l run` with the same invocation is up to date when the sources scan the same, the model folders
+digest the same, the manifest is unchanged and every shard it lists is on disk with its recorded size.
+Then every stage would find all its units done, and the run is recorded without running the flows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from model.base_models import resolve_base_model
+from model.folder_fingerprints import folder_digest
+from storage.catalog import Catalog
+from storage.corpus import expand_sources
+from storage.hashing import canonical_json
+from storage.shards import ShardEntry, shard_intact
+from storage.sources import IngestConfig
+from storage.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("flows", "tasks", "model", "storage")
+VERSIONED = ("torch", "transformers", "tokenizers", "duckdb", "pyarrow", "pydantic", "prefect")
+
+_DDL = ("CREATE TABLE IF NOT EXISTS pipeline_uptodate (invocation VARCHAR PRIMARY KEY, run_id VARCHAR, "
+        "recorded TIMESTAMP, config VARCHAR, scan VARCHAR, models VARCHAR, manifest VARCHAR, stats VARCHAR)")
+
+__all__ = ["Verdict", "check", "code_digest", "invocation_key", "record_shortcut_run", "remember"]
+
+
+def code_digest(root: Path = ROOT) -> str:
+    """sha256 of every file of the project's packages (code, prompts): any edit makes a new invocation."""
+    h = hashlib.sha256()
+    for pkg in PACKAGES:
+        for dirpath, dirs, files in os.walk(root / pkg):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+            for name in sorted(files):
+                if name.endswith((".pyc", ".pyo")) or name.startswith("."):
+                    continue
+                p = Path(dirpath) / name
+                h.update(f"|{p.relative_to(root).as_posix()}|".encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "-"
+    return out
+
+
+def invocation_key(options: dict[str, Any], config_file: str | None) -> str:
+    """The hash of everything that fixes a run's effective config and code (see the module docstring)."""
+    config_bytes = Path(config_file).read_bytes() if config_file else b""
+    payload = {"cwd": os.getcwd(), "options": options, "config_file": hashlib.sha256(config_bytes).hexdigest(),
+               "code": code_digest(), "versions": _versions()}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def _manifest(con: duckdb.DuckDBPyConnection) -> tuple[str, list[ShardEntry]]:
+    rows = con.execute("SELECT stage, key, table_name, path, rows, bytes, checksum FROM manifest "
+                       "ORDER BY stage, key, table_name").fetchall()
+    return hashlib.sha256(canonical_json(rows).encode()).hexdigest(), [ShardEntry(*r) for r in rows]
+
+
+def _model_dirs(cfg: dict[str, Any], store_root: Path) -> list[str]:
+    """The model folders a run with this config reads: the base model and any generator model folders."""
+    dirs = [str(resolve_base_model(cfg["base_model"], store_root / "models"))]
+    for stage in ("synthesize", "teacher"):
+        gen = (cfg.get(stage) or {}).get("generator") or {}
+        if gen.get("backend") != "openai" and gen.get("model"):
+            dirs.append(str(gen["model"]))
+    return sorted(set(dirs))
+
+
+def models_state(cfg: dict[str, Any], store_root: Path) -> dict[str, str]:
+    return {d: folder_digest(d) for d in _model_dirs(cfg, store_root)}
+
+
+def scan_state(cfg: dict[str, Any]) -> list[list[str]] | None:
+    """(source, kind, fingerprint) of every source unit now; None when a source spec matches nothing."""
+    from model.toy.world import synthetic_world
+    from storage.synthetic import register_world, world_named
+
+    if world_named("facts") is None:
+        register_world(synthetic_world())
+    units, spec_rejects = expand_sources(cfg["sources"], IngestConfig.model_validate(cfg.get("ingest") or {}))
+    if spec_rejects:
+        return None
+    return sorted([u.source, u.kind, u.fingerprint] for u in units)
+
+
+@dataclass
+class Verdict:
+    """Whether the store is up to date for this invocation, and why (not)."""
+
+    up_to_date: bool
+    reason: str
+    previous_run: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    recorded: str = ""
+
+
+def _recorded(cat: Catalog, key: str) -> tuple[tuple | None, str, list[ShardEntry]]:
+    with cat.read() as con:
+        try:
+            row = con.execute("SELECT run_id, config, scan, models, manifest, stats, recorded FROM pipeline_uptodate "
+                              "WHERE invocation = ?", [key]).fetchone()
+        except duckdb.CatalogException:
+            row = None
+        digest, entries = _manifest(con)
+    return row, digest, entries
+
+
+def check(store_root: str | Path, key: str) -> Verdict:
+    """Compare the store with the record of the last complete run of this invocation (holds no lock)."""
+    root = Path(store_root).resolve()
+    cat = Catalog(root)
+    if not cat.path.exists():
+        return Verdict(False, "no catalog yet")
+    row, digest, entries = _recorded(cat, key)
+    if row is None:
+        return Verdict(False, "no complete run with these settings and this code yet")
+    run_id, config, scan, models, manifest, stats, recorded = row
+    cfg = json.loads(config)
+    if digest != manifest:
+        return Verdict(False, "the manifest changed since that run", run_id)
+    if not all(shard_intact(e) for e in entries):
+        return Verdict(False, "a shard file is missing or has another size", run_id)
+    if models_state(cfg, root) != json.loads(models):
+        return Verdict(False, "a model folder changed", run_id)
+    if scan_state(cfg) != json.loads(scan):
+        return Verdict(False, "the sources changed", run_id)
+    return Verdict(True, "same settings, code, sources, models and manifest", run_id, cfg, json.loads(stats),
+                   str(recorded)[:19])
+
+
+def remember(store_root: str | Path, key: str, config: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Record that a pipeline run (its stats: those of each stage) left nothing undone for this invocation."""
+    scan_id = stats["ingest"]["scan_id"]
+    root = Path(store_root).resolve()
+    cat = Catalog(root)
+    scan = sorted([src, kind, fp] for src, (kind, fp, _key) in cat.scan(scan_id).items())
+    models = models_state(config, root)
+    with cat.write() as con:
+        con.execute(_DDL)
+        digest, _ = _manifest(con)
+        con.execute("INSERT OR REPLACE INTO pipeline_uptodate VALUES (?, ?, now(), ?, ?, ?, ?, ?)",
+                    [key, scan_id, json.dumps(config, default=str), json.dumps(scan), json.dumps(models), digest,
+                     json.dumps(stats, default=str)])
+
+
+def record_shortcut_run(store_root: str | Path, verdict: Verdict, seconds: float) -> str:
+    """Record the up-to-date run in `runs` (flow `pipeline`, completed) under the store's writer lock."""
+    store = Store(store_root, lock_timeout=0.0)
+    run_id = uuid.uuid4().hex
+    stats = {"up_to_date": True, "same_as_ingest_run": verdict.previous_run, "flows_run": False,
+             "seconds": round(seconds + 0.0, 3), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with store.writing():
+        store.catalog.start_run(run_id, "pipeline", verdict.config)
+        store.catalog.finish_run(run_id, "completed", stats)
+    return run_id
