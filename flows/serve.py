@@ -56,15 +56,16 @@ def field_error(exc: ValidationError) -> DocumentError:
     return DocumentError(422, f"{field}: {first['msg']}", field)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) one over `limit` bytes before reading it all."""
+async def read_body(request: Request, limit: int, slack: int = 0) -> bytes:
+    """The request body, refusing (413) one over `limit` (+ `slack` for the JSON around it) bytes before
+    reading it all."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise DocumentError(413, f"the request body is {int(declared)} bytes; the limit is {limit}")
+    if declared and declared.isdigit() and int(declared) > limit + slack:
+        raise DocumentError(413, f"the request body is {int(declared)} bytes; the limit is {limit} bytes")
     data = bytearray()
     async for piece in request.stream():
         data += piece
-        if len(data) > limit:
+        if len(data) > limit + slack:
             raise DocumentError(413, f"the request body is over the limit of {limit} bytes")
     return bytes(data)
 
@@ -102,7 +103,7 @@ async def document_from(request: Request, limit: int) -> tuple[str, str | None]:
             raise DocumentError(413, f"the document is {len(data)} bytes; the limit is {limit}")
         name = form.get("name")
         return as_text(data), str(name) if name else upload.filename
-    data = await read_body(request, limit + 4096)  # JSON quoting adds a little
+    data = await read_body(request, limit, 4096 if ctype in ("application/json", "") else 0)
     if ctype in ("application/json", ""):
         try:
             body = DocumentBody.model_validate(parse_json(data))
@@ -120,7 +121,7 @@ def completions_handler(service: DocumentService, admission, model_cls):
     cfg = service.cfg
 
     async def handler(request: Request) -> Response:
-        raw = parse_json(await read_body(request, cfg.max_document_bytes + 65536))
+        raw = parse_json(await read_body(request, cfg.max_document_bytes, 65536))
         if not isinstance(raw, dict):
             raise DocumentError(422, "body: a JSON object is required", "body")
         try:
