@@ -162,6 +162,14 @@ def test_repost_does_no_work_and_restart_lazy_loads(server, run_dir):
     print(f"repost: {again.json()['seconds'] * 1000:.0f} ms vs {first.json()['seconds'] * 1000:.0f} ms first "
           f"(ratio {again.json()['seconds'] / first.json()['seconds']:.3f}), hypernetwork documents unchanged")
 
+    from storage.catalog import Catalog
+    from storage.sql import run_query
+
+    cols, rows = run_query(Catalog(server.store), "SELECT id, doc_sha, checkpoint, rank, chunks, bytes, created, "
+                                                  "last_used FROM adapters ORDER BY created")
+    row = dict(zip(cols, next(r for r in rows if r[0] == first.json()["adapter_id"])))
+    assert row["rank"] == first.json()["rank"] and row["bytes"] > 0 and row["checkpoint"].endswith("step-00000000")
+
     # a restarted server (a new service over the same store) lists nothing loaded, serves every stored adapter
     restarted = DocumentService(make_config(server.store, run_dir))
     stored = restarted.store.ids()
@@ -271,3 +279,40 @@ def test_8_concurrent_documents_then_32_chats_with_4_slots(server, smollm2_dir, 
     print(f"32 chats over 8 adapters, 4 slots: evictions {h['evictions']}, loads {h['adapter_loads']}; "
           f"max |dlogprob| vs own adapter {worst_own:.1e}, min vs a neighbour's {closest_other:.2f}; "
           f"p50 {h['latency_p50_s']} s p95 {h['latency_p95_s']} s")
+
+
+def test_internalize_flow_batched_idempotent(server, run_dir, prefect_server, tmp_path):
+    """The Prefect flow: files in batches of 2 -> adapters in the store; a rerun does no work."""
+    from flows.internalize import internalize_flow
+    from tasks.internalize import InternalizeFlowConfig
+
+    paths = []
+    for i, text in enumerate(topics(3)):
+        paths.append(tmp_path / f"doc{i}.txt")
+        paths[-1].write_text(text + " (flow)")
+    paths.append(tmp_path / "empty.txt")
+    paths[-1].write_text(" ")
+    cfg = InternalizeFlowConfig(store=str(server.store), checkpoint=str(run_dir), chunk_max_tokens=64,
+                                max_lora_rank=64, batch_size=2, paths=[str(p) for p in paths])
+    first = internalize_flow(cfg)
+    assert (first["documents"], first["created"], first["reused"], first["rejected"], first["batches"]) == (4, 3, 0, 1, 2)
+    again = internalize_flow(cfg)
+    assert (again["created"], again["reused"], again["rejected"]) == (0, 3, 1)
+    print(f"internalize flow: {first['adapters_per_second']} adapters/s in batches of 2; rerun {again['seconds']} s")
+
+
+def test_vllm_rules_refuse_at_export_time():
+    """What vLLM's loader would refuse is refused when the adapter is written, with every reason named."""
+    from model.serving.rules import VLLMRuleError, check_vllm, server_max_lora_rank, vllm_problems
+
+    good = {"r": 16, "rank_pattern": {"model.layers.0.mlp.down_proj": 24}, "bias": "none", "modules_to_save": None,
+            "target_modules": ["down_proj", "q_proj"]}
+    assert vllm_problems(good, "LlamaForCausalLM", 32) == []
+    assert server_max_lora_rank(24) == 32 and server_max_lora_rank(8) == 8
+    bad = dict(good, bias="all", modules_to_save=["lm_head"], target_modules=["down_proj", "conv"])
+    with pytest.raises(VLLMRuleError) as e:
+        check_vllm(bad, "LlamaForCausalLM", 16)
+    msg = str(e.value)
+    assert all(w in msg for w in ("rank 24 is over the server's max_lora_rank 16", "bias", "modules_to_save",
+                                  "['conv']"))
+    assert "not known" in vllm_problems(good, "GPT2LMHeadModel")[0]
