@@ -37,7 +37,8 @@ def run_dir(smollm2_dir, tmp_path_factory):
 
 
 def make_config(store, run_dir, **more) -> ServeConfig:
-    return ServeConfig(store=str(store), checkpoint=str(run_dir), chunk_max_tokens=64, max_lora_rank=64, max_loras=4,
+    more = {"max_loras": 2, **more}
+    return ServeConfig(store=str(store), checkpoint=str(run_dir), chunk_max_tokens=64, max_lora_rank=64,
                        max_document_bytes=100_000, max_new_tokens=32, **more)
 
 
@@ -239,46 +240,66 @@ def test_a_full_queue_gets_429(server):
         assert httpx.post(f"{srv.url}/chat/completions", json=body, timeout=300).status_code == 200
 
 
-def test_8_concurrent_documents_then_32_chats_with_4_slots(server, smollm2_dir, request):
-    url, service = server.url, server.service
-    texts = topics(8)
+def concurrent_documents_then_chats(url: str, service, store, model_dir, n_docs: int, n_chats: int,
+                                    max_tokens: int) -> dict:
+    """Post `n_docs` new documents at once, then `n_chats` chats spread over them (8 at a time); check every
+    answer's log-probs against an in-process PeftModel with its own adapter, and that a neighbour's adapter does
+    not explain it. Returns the numbers."""
+    texts = [t + f" ({n_docs}/{n_chats})" for t in topics(n_docs)]
     work = service.intern.documents_internalized
     with ThreadPoolExecutor(8) as pool:
         posted = list(pool.map(lambda t: post_doc(url, t), texts))
     assert all(r.status_code == 201 for r in posted), [r.text for r in posted]
     ids = [r.json()["adapter_id"] for r in posted]
-    assert len(set(ids)) == 8 and service.intern.documents_internalized == work + 8
+    assert len(set(ids)) == n_docs and service.intern.documents_internalized == work + n_docs
     evictions = service.cache.evictions
 
     def ask(i: int) -> dict:
-        body = {"model": ids[i % 8], "messages": [{"role": "user", "content": f"Who built it? ({i})"}],
-                "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 3,
+        body = {"model": ids[i % n_docs], "messages": [{"role": "user", "content": f"Who built it? ({i})"}],
+                "max_tokens": max_tokens, "temperature": 0, "logprobs": True, "top_logprobs": 3,
                 "return_tokens_as_token_ids": True}
-        return httpx.post(f"{url}/chat/completions", json=body, timeout=600).json()
+        return httpx.post(f"{url}/chat/completions", json=body, timeout=1200).json()
 
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(ask, range(32)))
+        answers = list(pool.map(ask, range(n_chats)))
     assert all("choices" in a for a in answers), [a for a in answers if "choices" not in a][:2]
-    assert service.cache.evictions - evictions >= 4 and len(service.cache.loaded()) <= 4
+    assert len(service.cache.loaded()) <= service.cache.max_loras
 
     from openai.types.chat import ChatCompletion
 
-    ref = Reference(smollm2_dir, server.store)
-    tok = service.backend.tokenizer
+    ref = Reference(model_dir, store)
     worst_own, closest_other = 0.0, float("inf")
     for i, a in enumerate(answers):
         lp = ChatCompletion.model_validate(a).choices[0].logprobs
         prompt = service.backend.chat_prompt([{"role": "user", "content": f"Who built it? ({i})"}])
         answer = token_ids(lp)
-        worst_own = max(worst_own, max_diff(ref.logprobs(ids[i % 8], prompt, answer), lp))
-        other = ids[(i + 1) % 8]  # a neighbour's adapter must not explain this answer
+        worst_own = max(worst_own, max_diff(ref.logprobs(ids[i % n_docs], prompt, answer), lp))
+        other = ids[(i + 1) % n_docs]  # a neighbour's adapter must not explain this answer
         closest_other = min(closest_other, max_diff(ref.logprobs(other, prompt, answer), lp))
-    assert tok is not None and worst_own < TOL and closest_other > 1e-3, (worst_own, closest_other)
+    assert worst_own < TOL and closest_other > 1e-3, (worst_own, closest_other)
     h = httpx.get(url.removesuffix("/v1") + "/health").json()
-    assert h["evictions"] >= 4 and h["latency_p95_s"] >= h["latency_p50_s"] > 0
-    print(f"32 chats over 8 adapters, 4 slots: evictions {h['evictions']}, loads {h['adapter_loads']}; "
+    assert h["latency_p95_s"] >= h["latency_p50_s"] > 0
+    out = {"evictions": service.cache.evictions - evictions, "worst_own": worst_own, "closest_other": closest_other,
+           "health": h}
+    print(f"{n_chats} chats over {n_docs} adapters, {service.cache.max_loras} slots: evictions {out['evictions']}; "
           f"max |dlogprob| vs own adapter {worst_own:.1e}, min vs a neighbour's {closest_other:.2f}; "
           f"p50 {h['latency_p50_s']} s p95 {h['latency_p95_s']} s")
+    return out
+
+
+def test_3_concurrent_documents_then_6_chats_with_2_slots(server, smollm2_dir):
+    """The fast variant (the module server holds 2 adapters)."""
+    out = concurrent_documents_then_chats(server.url, server.service, server.store, smollm2_dir, 3, 6, 3)
+    assert out["evictions"] >= 1
+
+
+@pytest.mark.slow
+def test_8_concurrent_documents_then_32_chats_with_4_slots(server, run_dir, smollm2_dir):
+    """The issue's numbers: 8 documents at once, 32 chats, max_loras 4 (10 min on a loaded 2-core machine)."""
+    service = DocumentService(make_config(server.store, run_dir, max_loras=4))
+    with ServerThread(build_app(service)) as srv:
+        out = concurrent_documents_then_chats(srv.url, service, server.store, smollm2_dir, 8, 32, 6)
+    assert out["evictions"] >= 4 and out["health"]["evictions"] >= 4
 
 
 def test_internalize_flow_batched_idempotent(server, run_dir, prefect_server, tmp_path):
@@ -316,3 +337,17 @@ def test_vllm_rules_refuse_at_export_time():
     assert all(w in msg for w in ("rank 24 is over the server's max_lora_rank 16", "bias", "modules_to_save",
                                   "['conv']"))
     assert "not known" in vllm_problems(good, "GPT2LMHeadModel")[0]
+
+
+def test_delete_document_unloads_and_forgets_it(server):
+    aid = post_doc(server.url, "A short note about the violet kite of Arnsby, to be deleted.").json()["adapter_id"]
+    msg = [{"role": "user", "content": "Kite?"}]
+    assert httpx.post(f"{server.url}/chat/completions", json={"model": aid, "messages": msg, "max_tokens": 2},
+                      timeout=300).status_code == 200
+    assert aid in {m["id"] for m in httpx.get(f"{server.url}/models").json()["data"]}
+    r = httpx.delete(f"{server.url}/documents/{aid}")
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    assert aid not in {m["id"] for m in httpx.get(f"{server.url}/models").json()["data"]}
+    assert aid not in server.service.store.ids() and aid not in server.service.cache.loaded()
+    gone = httpx.post(f"{server.url}/chat/completions", json={"model": aid, "messages": msg, "max_tokens": 2})
+    assert gone.status_code == 404

@@ -65,7 +65,10 @@ class TransformersBackend:
                 self.peft.load_adapter(path, adapter_name=adapter_id)
 
     def unload(self, adapter_id: str) -> None:
-        with self._lock:
+        import warnings
+
+        with self._lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "adapter X was active which is now deleted": expected here
             if self.peft is not None and adapter_id in self.peft.peft_config:
                 self.peft.delete_adapter(adapter_id)
 
