@@ -270,6 +270,38 @@ def models(prepare: Optional[str] = typer.Option(None, help="Build or convert th
         typer.echo(name)
 
 
+@app.command("serve")
+def serve_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="store/hypernets/NAME or a checkpoint folder."),
+    store: str = typer.Option("store", help="Store folder: adapters go to <store>/adapters/<id>/."),
+    backend: str = typer.Option("transformers", help="transformers (in-process) or vllm (needs --vllm-url)."),
+    vllm_url: Optional[str] = typer.Option(None, help="A vLLM server started with --enable-lora "
+                                           "(and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): http://HOST:PORT/v1."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    sets: list[str] = typer.Option([], "--set", help="Any other serve setting: --set max_loras=8 (repeatable)."),
+) -> None:
+    """Serve documents: POST /v1/documents makes an adapter, then chat with model=<adapter_id> (OpenAI API)."""
+    import yaml
+
+    from flows.serve import ServeConfig, serve
+
+    tree = {"checkpoint": checkpoint, "store": store, "backend": backend, "vllm_url": vllm_url, "host": host,
+            "port": port}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            typer.secho(f"--set {item!r} must look like key=value", fg="red", err=True)
+            raise typer.Exit(2)
+        tree[key.strip()] = yaml.safe_load(value)
+    try:
+        cfg = ServeConfig.model_validate(tree)
+    except Exception as exc:  # noqa: BLE001 - show the validation error, not a traceback
+        typer.secho(f"Invalid serve settings: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    serve(cfg)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

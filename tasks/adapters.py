@@ -50,8 +50,31 @@ def internalize_to_peft(document: str, checkpoint: str, out_dir: str, base_model
     seconds = time.perf_counter() - t0
     folder = export_peft(adapter, base, out_dir, base_model_name_or_path=str(Path(model_dir).resolve()))
     ranks = adapter.ranks()
+    vllm = vllm_verdict(folder, base)
     return {"adapter": str(folder), "seconds": round(seconds, 4), "modules": len(ranks),
-            "rank": max(ranks.values()) if ranks else 0, "checkpoint": str(ckpt), "base_model": model_dir}
+            "rank": max(ranks.values()) if ranks else 0, "checkpoint": str(ckpt), "base_model": model_dir,
+            "vllm": vllm}
+
+
+def vllm_verdict(folder: Path, base) -> str:
+    """"ok (--max-lora-rank N)" when vLLM's loader takes the exported adapter, else why not (also logged)."""
+    import logging
+
+    from model.hypernet.peft_export import architecture
+    from model.serving.rules import adapter_rank, server_max_lora_rank, vllm_problems
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    rank = adapter_rank(config)
+    problems = vllm_problems(config, architecture(base))
+    try:
+        need = server_max_lora_rank(rank)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        msg = "not loadable by vLLM: " + "; ".join(problems)
+        logging.getLogger("doc2lora").warning("adapter %s is %s", folder, msg)
+        return msg
+    return f"ok (vLLM needs --enable-lora --max-lora-rank {need} or more)"
 
 
 @task(name="internalize-document")

@@ -20,7 +20,8 @@ from storage.sql import run_query
 
 POOL = "doc2lora-pool"
 DEPLOYMENTS = {"pipeline/pipeline", "ingest/ingest", "chunk/chunk", "synthesize/synthesize", "teacher/teacher",
-               "index/index", "train/train", "evaluate/evaluate", "nightly-refresh/nightly-refresh"}
+               "index/index", "train/train", "evaluate/evaluate", "nightly-refresh/nightly-refresh",
+               "internalize/internalize"}
 
 
 def _free_port() -> int:

@@ -67,15 +67,9 @@ def peft_config_dict(adapter: Adapter, base_model: nn.Module, base_model_name_or
     return d
 
 
-def export_peft(
-    adapter: Adapter,
-    base_model: nn.Module,
-    folder: str | Path,
-    index: int = 0,
-    dtype: torch.dtype = torch.float32,
-    base_model_name_or_path: str | None = None,
-) -> Path:
-    """Write row `index` of `adapter` as a PEFT LoRA adapter folder (atomically) and return its path."""
+def peft_files(adapter: Adapter, base_model: nn.Module, index: int = 0, dtype: torch.dtype = torch.float32,
+               base_model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(safetensors tensors, adapter_config dict) of row `index` of `adapter`, checked against the base model."""
     one = adapter.select(index).detach()
     tensors = {}
     for name, (a, b) in one.loras.items():
@@ -86,10 +80,35 @@ def export_peft(
             raise ValueError(f"{name}: adapter shapes do not fit the base model's Linear")
         tensors[f"base_model.model.{name}.lora_A.weight"] = a[0].to("cpu", dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b[0].to("cpu", dtype).contiguous()
-    config = peft_config_dict(one, base_model, base_model_name_or_path)
+    return tensors, peft_config_dict(one, base_model, base_model_name_or_path)
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
-    return atomic_folder_write(folder, write)
+def write_peft_files(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write the two PEFT files into an existing (temporary) folder."""
+    save_file(tensors, str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (Path(folder) / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def architecture(base_model: nn.Module) -> str | None:
+    """The base model's architecture name as vLLM looks it up (``LlamaForCausalLM``)."""
+    archs = getattr(getattr(base_model, "config", None), "architectures", None)
+    return archs[0] if archs else type(base_model).__name__
+
+
+def export_peft(
+    adapter: Adapter,
+    base_model: nn.Module,
+    folder: str | Path,
+    index: int = 0,
+    dtype: torch.dtype = torch.float32,
+    base_model_name_or_path: str | None = None,
+    vllm_max_lora_rank: int | None = None,
+) -> Path:
+    """Write row `index` of `adapter` as a PEFT LoRA adapter folder (atomically) and return its path.
+    With `vllm_max_lora_rank`, refuse (VLLMRuleError) an adapter that vLLM's loader would not take."""
+    from model.serving.rules import check_vllm
+
+    tensors, config = peft_files(adapter, base_model, index, dtype, base_model_name_or_path)
+    if vllm_max_lora_rank is not None:
+        check_vllm(config, architecture(base_model), vllm_max_lora_rank)
+    return atomic_folder_write(folder, lambda tmp: write_peft_files(tmp, tensors, config))
