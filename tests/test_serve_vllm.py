@@ -21,7 +21,8 @@ from flows.serve import ServerThread, build_app
 from benchmarks.demo_hypernet import demo_hypernet_run
 from tasks.serve import DocumentService, ServeConfig
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# the server's start is part of the first test's time: minutes on a loaded 2-core machine
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(2400)]
 
 DOC = ("The ferry of Quillmarsh leaves the north pier at seven bells. Its captain, Marguerite Okonkwo, "
        "keeps a tame heron named Pilot on the wheelhouse roof. The fare is two brass tokens.")
@@ -90,13 +91,16 @@ def complete(url: str, model: str, prompt: list[int]) -> dict:
 
 def peft_greedy(peft, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
     """Greedy N_TOKENS tokens (EOS ignored, as in the vLLM request) and the log-softmax at each step."""
-    ids, out = list(prompt), []
+    tokens, out, step, past = [], [], torch.tensor([prompt]), None
     with torch.no_grad():
         for _ in range(N_TOKENS):
-            lp = torch.log_softmax(peft(torch.tensor([ids])).logits[0, -1].float(), -1)
+            res = peft(input_ids=step, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            lp = torch.log_softmax(res.logits[0, -1].float(), -1)
             out.append(lp)
-            ids.append(int(lp.argmax()))
-    return ids[len(prompt):], torch.stack(out)
+            tokens.append(int(lp.argmax()))
+            step = torch.tensor([[tokens[-1]]])
+    return tokens, torch.stack(out)
 
 
 def compare(choice: dict, tokens: list[int], ref: torch.Tensor) -> tuple[bool, float]:
