@@ -76,13 +76,16 @@ def _run_stage(flow_name: str, cfg) -> dict:
 
     import importlib
 
+    from flows.cli_errors import reported
+
     module, attr = FLOWS[flow_name]
-    fn = getattr(importlib.import_module(module), attr)
-    try:
-        return fn(cfg)
-    except StoreLockedError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(3) from None
+    with reported(flow_name):
+        fn = getattr(importlib.import_module(module), attr)
+        try:
+            return fn(cfg)
+        except StoreLockedError as exc:
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(3) from None
 
 
 def _stage_command(flow_name: str, doc: str):
@@ -97,6 +100,12 @@ def _stage_command(flow_name: str, doc: str):
         progress: bool = typer.Option(True, help="Show progress bars."),
     ) -> None:
         cfg = _config(config, sets, store, source, base_model, lock_timeout, progress)
+        from flows.cli_errors import preflight, reported
+        from flows.interrupt import supervise
+
+        with reported(flow_name):
+            preflight(flow_name, cfg)
+        supervise(cfg.store)  # Ctrl-C / SIGTERM stop everything at once (flows/interrupt.py)
         stats = _run_stage(flow_name, cfg)
         if flow_name == "pipeline":
             from flows.summary import print_pipeline_summary
@@ -137,16 +146,24 @@ def internalize_cmd(
     base_model: Optional[str] = typer.Option(None, help="Base model folder (default: the one it was trained on)."),
     chunk_max_tokens: Optional[int] = typer.Option(
         None, help="Split longer documents into chunks of this many tokens (affixes included); one LoRA each, "
-                   "concatenated along the rank."),
+                   "concatenated along the rank. Default: the chunk length the hypernetwork was trained on; "
+                   "0: the whole document as one chunk."),
 ) -> None:
     """Document in, LoRA adapter out: one forward pass of the trained hypernetwork, saved for PEFT / vLLM."""
+    from flows.cli_errors import read_document, reported
     from tasks.adapters import internalize_to_peft
 
-    text = Path(document).read_text() if Path(document).is_file() else document
-    info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
+    with reported("internalize"):
+        text = read_document(document)
+        info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
+    how = {"trained": "the chunk length the hypernetwork was trained on",
+           "given": "--chunk-max-tokens", "none": "the checkpoint does not record its chunk length"}[info["chunking"]]
+    size = f"chunks of at most {info['chunk_max_tokens']} tokens" if info["chunk_max_tokens"] else "one chunk"
+    typer.echo(f"chunking: {info['chunks']} chunk(s) ({size}; {how})")
     typer.echo(f"adapter: {info['adapter']}  ({info['modules']} modules, rank {info['rank']}, "
                f"made in {info['seconds'] * 1000:.0f} ms)")
-    typer.echo(f'try:     d2l ask --adapter {info["adapter"]} "your question"')
+    typer.echo("try:")
+    typer.echo(f'd2l ask --adapter {info["adapter"]} "your question"')
 
 
 @app.command("ask")
@@ -174,8 +191,9 @@ def sql(
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to a .parquet or .csv file."),
 ) -> None:
-    """Query the catalog (read-only). Views: documents, chunks, questions, samples, eval_results, rejects,
-    plus the tables manifest and runs. Statements that write (DDL, DML, COPY, ATTACH, SET) are refused."""
+    """Query the catalog (read-only). Views: documents, chunks, questions, samples, eval_results, rejects.
+    Tables: manifest, runs, source_scans, document_status, train_metrics (once a training ran). Statements
+    that write (DDL, DML, COPY, ATTACH, SET) are refused. Examples: README.md and docs/operating.md."""
     from tasks.sql import ReadOnlySQLError, open_catalog, query_arrow, run_query
 
     try:
@@ -242,7 +260,19 @@ def models(prepare: Optional[str] = typer.Option(None, help="Build or convert th
         typer.echo(name)
 
 
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    from flows.cli_errors import set_debug
+    from flows.interrupt import enable_if_console
+
+    set_debug(debug)
+    enable_if_console()
+
+
 def main() -> None:  # pragma: no cover - console entry
+    from flows.interrupt import enable
+
+    enable()
     app()
 
 

@@ -6,13 +6,14 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
+from model.bars import bars_enabled
 from storage.catalog import Catalog, Manifest, unit_done
 from storage.hashing import content_key
 from storage.locks import StoreLockedError
 from storage.shards import ShardEntry
 from storage.store import Store
 
-__all__ = ["Catalog", "Manifest", "ShardEntry", "Store", "StoreLockedError", "content_key", "unit_done",
+__all__ = ["bars_enabled", "Catalog", "Manifest", "ShardEntry", "Store", "StoreLockedError", "content_key", "unit_done",
            "entries_to_dicts", "entries_from_dicts", "current_run_id"]
 
 
