@@ -22,8 +22,6 @@ from storage.catalog import Catalog
 from storage.shards import temporary_files
 from storage.sql import run_query
 
-pytestmark = pytest.mark.slow
-
 SOURCES = [f"synthetic://facts?n=2&seed={s}" for s in range(8)]
 TOY_SETS = ["synthesize.questions_per_round=2", "synthesize.max_new_tokens=12", "teacher.topk=8",
             "teacher.max_new_tokens=6"]
@@ -130,6 +128,7 @@ def assert_consistent(store: Path) -> None:
     assert "running" not in statuses, statuses
 
 
+@pytest.mark.slow
 def test_sigint_run_in_teacher_stage_then_train(tmp_path, toy_model_dir):
     store, log = tmp_path / "store", tmp_path / "d2l.log"
     proc = d2l(run_args(store, toy_model_dir), log)
@@ -166,3 +165,52 @@ def test_sigint_run_in_teacher_stage_then_train(tmp_path, toy_model_dir):
     assert again.wait(900) == 0, log.read_text()[-3000:]
     done = run_query(Catalog(store), "SELECT max(step) FROM train_metrics WHERE name = 'sigint' AND kind = 'train'")
     assert done[1][0][0] == steps
+
+
+STUBBORN = """
+import signal, subprocess, sys, threading, time
+sys.argv[0] = "d2l"
+from flows.interrupt import enable_if_console, supervise
+enable_if_console()
+supervise(None)
+# the child: a grandchild process, a busy non-daemon thread, and SIGINT/SIGTERM ignored, like a stuck worker
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+threading.Thread(target=lambda: time.sleep(300)).start()
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_supervisor_stops_a_stubborn_process_tree(tmp_path, sig, code):
+    """The fast variant: a command whose process ignores signals, with a grandchild and a busy thread."""
+    log = tmp_path / "out.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", STUBBORN], cwd=REPO, env=subprocess_env(None), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(proc, lambda: "ready" in log.read_text() and len(descendants(proc.pid)) >= 2, log, limit=120)
+    procs = descendants(proc.pid)
+    proc.send_signal(sig)
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    deadline = time.monotonic() + 2
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in procs if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert rc == code and not left, (rc, left, log.read_text())
+    assert "stopping" in log.read_text()
+
+
+def test_in_process_commands_never_fork():
+    """Under pytest (CliRunner) and in a library, the supervisor is off: nothing forks."""
+    from flows import interrupt
+
+    interrupt.enable_if_console()
+    assert interrupt._skip_supervisor()
