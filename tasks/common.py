@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from model.training.checkpoint_checks import CheckpointError
+from model.bars import bars_enabled
 from storage.catalog import Catalog, Manifest, unit_done
 from storage.catalog_files import CatalogDamagedError
 from storage.corpus import SourceNotFoundError, check_sources_found, quick_source_rejects
@@ -15,8 +16,8 @@ from storage.locks import StoreLockedError
 from storage.shards import ShardEntry
 from storage.store import Store
 
-__all__ = ["Catalog", "Manifest", "ShardEntry", "Store", "StoreLockedError", "content_key", "unit_done",
-           "entries_to_dicts", "entries_from_dicts", "current_run_id", "USER_ERRORS", "preflight"]
+__all__ = ["bars_enabled", "Catalog", "Manifest", "ShardEntry", "Store", "StoreLockedError", "content_key",
+           "unit_done", "entries_to_dicts", "entries_from_dicts", "current_run_id", "USER_ERRORS", "preflight"]
 
 # The project's own errors: each says what is wrong and what to do in one line (the CLI prints only that).
 USER_ERRORS = (StoreLockedError, CatalogDamagedError, SourceNotFoundError, CheckpointError)

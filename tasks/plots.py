@@ -7,7 +7,12 @@ from typing import Any
 
 
 def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = "hypernetwork training") -> Path:
-    """Train loss per step and held-out CE/KL per evaluation, side by side."""
+    """Train loss per step and held-out CE/KL per evaluation, side by side. Kept as it is when it is newer
+    than the run's metrics.jsonl beside it (a finished run rerun: nothing new to draw)."""
+    path = Path(path)
+    metrics = path.parent / "metrics.jsonl"
+    if path.exists() and metrics.exists() and path.stat().st_mtime >= metrics.stat().st_mtime:
+        return path
     import matplotlib
 
     matplotlib.use("Agg")

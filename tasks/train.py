@@ -73,6 +73,14 @@ def read_training_rows(store_root: str, max_samples: int | None = None, refresh:
     return table.to_pylist()
 
 
+def trained_chunk_tokens(store_root: str) -> int | None:
+    """The longest chunk (tokens, chat-template affixes included) behind the teacher samples: the chunk
+    length the hypernetwork learns from, saved with it so that `d2l internalize` chunks the same way."""
+    with Catalog(store_root).read() as con:
+        row = con.execute("SELECT max(c.n_prompt_tokens) FROM samples s JOIN chunks c USING (chunk_id)").fetchone()
+    return int(row[0]) if row and row[0] else None
+
+
 @task(name="train-hypernet")
 def train_hypernet(store_root: str, model_dir: str | None, cfg: TrainStageConfig, progress: bool = True,
                    on_metrics=None) -> dict[str, Any]:
@@ -101,7 +109,10 @@ def train_hypernet(store_root: str, model_dir: str | None, cfg: TrainStageConfig
     out = run_dir(store_root, cfg.name)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "base_model.json").write_text(json.dumps({"model_dir": model_dir}))
+        info = {"model_dir": model_dir, "chunk_tokens": trained_chunk_tokens(store_root)}
+        marker, text = out / "base_model.json", json.dumps(info)
+        if not marker.exists() or marker.read_text() != text:
+            marker.write_text(text)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dist.device())
     tok = load_tokenizer(model_dir)
     summary = train(base, tok, cfg.hyper, cfg.optim, train_rows, eval_rows or None, out, resume=cfg.resume,

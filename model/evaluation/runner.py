@@ -144,11 +144,11 @@ def result_row(run_id, ctx: EvalContext, q: EvalQuestion, method: str, pred: str
 
 
 def _progress(it, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
+    from model.bars import bars_enabled, progress_bar
 
-    return tqdm(it, desc=desc, total=total, dynamic_ncols=True)
+    if not bars_enabled(enabled):
+        return it
+    return progress_bar(it, desc=desc, total=total, dynamic_ncols=True)
 
 
 @dataclass

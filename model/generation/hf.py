@@ -132,9 +132,9 @@ class TransformersGenerator:
         results: list[Generation | None] = [None] * len(prompts)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from model.bars import progress_bar
 
-            bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
+            bar = progress_bar(total=len(prompts), desc="generate", unit="prompt")
         try:
             with self._lock, clean_generation_config(self.model, stop_ids, self.pad_id, self.bos_id):
                 for b, start in enumerate(range(0, len(order), self.batch_size)):

@@ -222,9 +222,9 @@ class OpenAIGenerator:
         sem = asyncio.Semaphore(self.max_concurrency)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from model.bars import progress_bar
 
-            bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
+            bar = progress_bar(total=len(prompts), desc="generate", unit="prompt")
         try:
 
             async def run(i: int, prompt: list[int]) -> Generation:

@@ -153,7 +153,8 @@ def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
 def train_toy_model(cfg: ToyTrainConfig, tokenizer, model=None) -> tuple[Any, dict[str, Any]]:
     """Train (a fresh model unless given) in place; return (model, training log)."""
     import torch
-    from tqdm.auto import tqdm
+
+    from model.bars import progress_bar
 
     _check_template_split(tokenizer)
     model = model if model is not None else make_model(cfg, tokenizer)
@@ -170,7 +171,7 @@ def train_toy_model(cfg: ToyTrainConfig, tokenizer, model=None) -> tuple[Any, di
     accs: list[float] = []
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="toy model", disable=not cfg.progress, mininterval=1.0)
+    bar = progress_bar(range(cfg.steps), progress=cfg.progress, desc="toy model", mininterval=1.0)
     stopped_early = False
     step = 0
     for step in bar:

@@ -15,6 +15,8 @@ one piece (the whole context). Evaluation always uses one piece.
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -77,8 +79,12 @@ class TrainConfig:
             self.merge = merge_mode(self.merge)
         if self.total_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("total_steps, batch_size and grad_accum must be >= 1")
-        if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in 0..total_steps={self.total_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.warmup_steps > self.total_steps:  # a short run (a smoke test, a demo): warm up over all of it
+            logging.getLogger(__name__).warning("warmup_steps=%d is more than total_steps=%d: warming up over "
+                                                "all %d steps", self.warmup_steps, self.total_steps, self.total_steps)
+            self.warmup_steps = self.total_steps
         if not self.chunk_dist or min(self.chunk_dist) < 1 or any(p < 0 for p in self.chunk_dist.values()):
             raise ValueError(f"chunk_dist must map chunk counts >= 1 to probabilities >= 0: {self.chunk_dist}")
         if sum(self.chunk_dist.values()) <= 0:

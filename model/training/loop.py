@@ -232,7 +232,7 @@ def _resume(run: Run, resume: bool) -> tuple[int, int | None]:
     metrics_path = out_dir / rf.METRICS
     run.history = rf.read_metrics(metrics_path, start_step) if ckpt is not None else []
     dist.broadcast_parameters(run.net)  # equal already (same seed / checkpoint); made sure
-    if dist.is_main:
+    if dist.is_main and start_step < run.cfg.total_steps:  # a finished run's files stay untouched
         atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in run.history))
         run.cfg.save(out_dir)
         run.hcfg.save(out_dir)
@@ -286,9 +286,10 @@ def optimizer_step(run: Run, step: int, params: list[nn.Parameter], clip: float)
 
 
 def _tqdm(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from model.bars import progress_bar
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="hypernet", unit="step", dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, progress=enabled, desc="hypernet", unit="step",
+                        dynamic_ncols=True)
 
 
 def train(
