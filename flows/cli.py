@@ -67,7 +67,7 @@ FLOWS = {
     "teacher": ("flows.teacher", "teacher_flow"),
     "index": ("flows.index", "index_flow"),
     "train": ("flows.train_ddp", "run_train"),  # the train flow; data-parallel under torchrun (docs/scaling.md)
-    "evaluate": ("flows.evaluate", "evaluate_flow"),
+    "evaluate": ("flows.evaluate", "run_evaluate"),
 }
 
 
@@ -170,16 +170,17 @@ class Format(str, Enum):
 @app.command("sql")
 def sql(
     query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT reason, count(*) FROM rejects GROUP BY 1".'),
-    store: str = typer.Option("store", help="Store folder whose catalog to query."),
+    store: Optional[str] = typer.Option(None, help="Store folder whose catalog to query (default: $D2L_STORE, "
+                                        "else the nearest ./store in this folder or a parent)."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to a .parquet or .csv file."),
 ) -> None:
     """Query the catalog (read-only). Views: documents, chunks, questions, samples, eval_results, rejects,
     plus the tables manifest and runs. Statements that write (DDL, DML, COPY, ATTACH, SET) are refused."""
-    from tasks.sql import ReadOnlySQLError, open_catalog, query_arrow, run_query
+    from tasks.sql import ReadOnlySQLError, find_store, open_catalog, query_arrow, run_query
 
     try:
-        cat = open_catalog(store)
+        cat = open_catalog(store or find_store())
         if out is not None:
             import pyarrow.csv as pacsv
             import pyarrow.parquet as pq

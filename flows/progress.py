@@ -83,15 +83,23 @@ class StageProgress:
         self._last = time.monotonic()
 
 
-def tracked(items: Iterable[T], stage: str, total: int | None = None, unit: str = "unit") -> Iterator[T]:
-    """Yield `items`; an item counts as done when the loop asks for the next one (`continue` included)."""
+def tracked(items: Iterable[T], stage: str, total: int | None = None, unit: str = "unit",
+            stats: dict | None = None) -> Iterator[T]:
+    """Yield `items`; an item counts as done when the loop asks for the next one (`continue` included).
+    Under a pipeline run, the parent run's progress (flows/run_progress.py) follows too, with `stats`."""
+    from flows.run_progress import current
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
         except TypeError:
             total = 0
     bar = StageProgress(stage, total, unit=unit)
+    parent = current()
+    if parent is not None:
+        parent.units(stage, total, unit)
     for item in items:
         yield item
         bar.advance()
+        if parent is not None:
+            parent.advance(stage, bar.done, stats)
     bar.finish()

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import queue
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -360,8 +361,9 @@ def run_units(
                                       lambda: _placement(runner_cfg, model_bound),
                                       lambda: _worker_settings(runner_cfg))
 
-    bar = tqdm(outcomes(), total=len(items), desc=stage, unit=unit, disable=not progress)
-    for item, res, err in tracked(bar, stage, total=len(items), unit=unit):
+    # bars only on a terminal: under a worker they would fill its log (the UI has the progress artifacts)
+    bar = tqdm(outcomes(), total=len(items), desc=stage, unit=unit, disable=not (progress and sys.stderr.isatty()))
+    for item, res, err in tracked(bar, stage, total=len(items), unit=unit, stats=stats):
         if err is not None:
             failures.append((item, err))
             log.error("%s: unit %r failed: %s", stage, item, err)

@@ -27,7 +27,7 @@ class ChunkStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(512, ge=8, description="Tokens per chunk, chat-template affixes included.")
+    max_tokens: int = Field(256, ge=8, description="Tokens per chunk, chat-template affixes included.")
     overlap_tokens: int = Field(0, ge=0, description="Tokens shared by neighbouring chunks.")
 
     def to_model(self) -> ChunkConfig:

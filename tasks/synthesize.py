@@ -33,7 +33,7 @@ class SynthesizeConfig(BaseModel):
     questions_per_round: int = Field(3, ge=1, le=50)
     rounds: int = Field(2, ge=1, le=2, description="2 adds non-redundant, reversal and multi-hop questions.")
     prompt_version: str = PROMPT_VERSION
-    max_new_tokens: int = Field(160, ge=8)
+    max_new_tokens: int = Field(128, ge=8)
     temperature: float = Field(0.0, ge=0)
     seed: int = 0
     generator: BackendConfig = Field(default_factory=BackendConfig)

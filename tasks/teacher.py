@@ -33,7 +33,7 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     topk: int = Field(16, ge=1, le=64, description="Top log-probs kept per answer token (vLLM serves <= 20).")
-    max_new_tokens: int = Field(128, ge=1, description="Longer answers are dropped as unfinished.")
+    max_new_tokens: int = Field(96, ge=1, description="Longer answers are dropped as unfinished.")
     generator: BackendConfig = Field(default_factory=BackendConfig)
 
 
