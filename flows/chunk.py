@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.config import PipelineConfig
+from flows.lineage import unit_labels
 from flows.runners import run_units
 from flows.runs import stage_run
 from tasks.chunk import chunk_key, chunk_unit, tokenizer_id
@@ -27,13 +28,14 @@ def chunk_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         doc_shards = sorted((e for entries in manifest.values() for e in entries if e.table == "documents"),
                             key=lambda e: e.path)
         stats.update(shards=len(doc_shards), done_before=0, written=0, chunks=0, rejects=0)
+        labels = unit_labels(store)
 
         def plan(e: ShardEntry) -> dict[str, Any] | str:
             key = chunk_key(e.key, fp, config.chunk)
             if store.done(manifest, "chunk", key):
                 return "done_before"
             return {"store_root": str(store.root), "documents_path": e.path, "model_dir": model_dir,
-                    "cfg": config.chunk, "key": key}
+                    "cfg": config.chunk, "key": key, "label": labels.get(e.key, key)}
 
         def done(e: ShardEntry, res: dict[str, Any]) -> None:
             store.catalog.register(entries_from_dicts(res["entries"]), run_id)

@@ -73,6 +73,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="Folder for the PNG (and HTML) files.")
     ap.add_argument("--sources", type=int, default=10, help="Toy sources of the run (more: a longer run).")
+    ap.add_argument("--toy-model", type=Path, default=None,
+                    help="A built toy model folder to reuse (default: build one, minutes on a busy CPU).")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="d2l-shots-"))
@@ -101,7 +103,7 @@ def main() -> int:
         sys.path.insert(0, str(REPO))
         from model.base_models import resolve_base_model
 
-        toy = resolve_base_model("toy", scratch / "models")
+        toy = args.toy_model.resolve() if args.toy_model else resolve_base_model("toy", scratch / "models")
         os.environ.update(PREFECT_API_URL=api)
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
