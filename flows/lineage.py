@@ -38,7 +38,7 @@ def lineages(manifest: Manifest, config: PipelineConfig, tokenizer_fp: str, ques
 
 
 def unit_labels(store: Store) -> dict[str, str]:
-    """Ingest unit key -> the source it was read from (for task run names: `teacher corpus/sample/a.md`)."""
+    """Ingest unit key -> the source it was read from (for task run names: `teacher` followed by the source file)."""
     if not store.catalog.path.exists():
         return {}
     with store.catalog.read() as con:
