@@ -39,7 +39,7 @@ class PipelineConfig(BaseModel):
         default_factory=lambda: ["synthesize", "teacher", "train"],
         description="Optional stages the pipeline runs after ingest and chunk (index always runs last).")
     lock_timeout: float = Field(0.0, ge=0, description="Seconds to wait for another writer on the store.")
-    progress: bool = Field(True, description="Show progress bars.")
+    progress: bool = Field(True, description="Progress bars, when attached to a terminal (the UI has progress artifacts).")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     chunk: ChunkStageConfig = Field(default_factory=ChunkStageConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)

@@ -10,6 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.config import DEFAULT_BASE_MODEL, PipelineConfig
+from flows.progress import bars
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
 from tasks.evaluate import EvaluateConfig, method_rows, run_evaluation
@@ -54,7 +55,7 @@ def evaluate_flow(store: str = "store", base_model: str = DEFAULT_BASE_MODEL, tr
         model_dir = resolve_model(base_model, str(st.root))
         checkpoint = ecfg.checkpoint or str(run_dir(str(st.root), train_name))
         fraction = ecfg.held_out_fraction if ecfg.held_out_fraction is not None else config.train.held_out_fraction
-        res = run_evaluation(str(st.root), model_dir, checkpoint, ecfg, fraction, run_id, progress=progress)
+        res = run_evaluation(str(st.root), model_dir, checkpoint, ecfg, fraction, run_id, progress=bars(progress))
         if res["entries"]:
             st.catalog.register(entries_from_dicts(res["entries"]), run_id)
             st.catalog.refresh_views()

@@ -18,7 +18,14 @@ from typing import Iterable, Iterator, TypeVar
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-__all__ = ["StageProgress", "in_prefect_run", "progress_key", "tracked"]
+__all__ = ["StageProgress", "bars", "in_prefect_run", "progress_key", "tracked"]
+
+
+def bars(progress: bool) -> bool:
+    """Draw tqdm bars only when asked and attached to a terminal (under a worker they would fill its log)."""
+    import sys
+
+    return bool(progress) and sys.stderr.isatty()
 
 
 def in_prefect_run() -> bool:

@@ -36,7 +36,6 @@ import contextlib
 import logging
 import os
 import queue
-import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -338,7 +337,7 @@ def run_units(
     """
     from tqdm.auto import tqdm
 
-    from flows.progress import tracked
+    from flows.progress import bars, tracked
 
     calls: list[tuple[U, dict[str, Any]]] = []
     skipped: list[U] = []
@@ -361,8 +360,7 @@ def run_units(
                                       lambda: _placement(runner_cfg, model_bound),
                                       lambda: _worker_settings(runner_cfg))
 
-    # bars only on a terminal: under a worker they would fill its log (the UI has the progress artifacts)
-    bar = tqdm(outcomes(), total=len(items), desc=stage, unit=unit, disable=not (progress and sys.stderr.isatty()))
+    bar = tqdm(outcomes(), total=len(items), desc=stage, unit=unit, disable=not bars(progress))
     for item, res, err in tracked(bar, stage, total=len(items), unit=unit, stats=stats):
         if err is not None:
             failures.append((item, err))

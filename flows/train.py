@@ -10,6 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import DEFAULT_BASE_MODEL, PipelineConfig
+from flows.progress import bars
 from flows.runs import stage_run
 from tasks.models import resolve_model
 from tasks.plots import plot_training
@@ -46,7 +47,7 @@ def train_flow(store: str = "store", base_model: str = DEFAULT_BASE_MODEL,
     with stage_run(config, "train") as (st, run_id, stats):
         model_dir = resolve_model(config.base_model, str(st.root))
         sink = MetricsSink(str(st.root), train.name)
-        summary = train_hypernet(str(st.root), model_dir, train, progress=progress, on_metrics=sink)
+        summary = train_hypernet(str(st.root), model_dir, train, progress=bars(progress), on_metrics=sink)
         sink.flush()
         png = plot_training(summary["history"], run_dir(str(st.root), train.name) / "training.png",
                             title=f"hypernetwork '{train.name}' on {base_model}")

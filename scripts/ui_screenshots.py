@@ -111,7 +111,7 @@ def main() -> int:
         config = {"store": str(scratch / "store"), "base_model": str(toy), "stages": ["synthesize", "teacher"],
                   "sources": [f"synthetic://facts?n=3&seed={s}" for s in range(args.sources)],
                   "synthesize": {"llm_for_gold_docs": True, "questions_per_round": 2, "max_new_tokens": 12},
-                  "teacher": {"topk": 8, "max_new_tokens": 2}, "runner": {"workers": 1}}  # 2 tokens: data loss
+                  "teacher": {"topk": 8, "max_new_tokens": 1}, "runner": {"workers": 1}}  # 1 token: data loss
         run = run_deployment("pipeline/pipeline", parameters={"config": config}, timeout=0)
         driver = browser(1400, 1100)
         with get_client(sync_client=True) as client:
@@ -129,7 +129,10 @@ def main() -> int:
                     break
                 time.sleep(1)
             print(f"run ended: {state.type.value} ({state.name}): {state.message}")
-            shoot(driver, f"{ui}/runs/flow-run/{run.id}", args.out / "2-finished-run.png")
+            driver.set_window_size(1400, 2200)
+            shoot(driver, f"{ui}/runs/flow-run/{run.id}", args.out / "2-finished-run.png", settle=10,
+                  must_see="stage index: done")
+            driver.set_window_size(1400, 1100)
             summary = next(a for a in client.read_artifacts() if a.key == "d2l-pipeline" and a.flow_run_id == run.id)
             shoot(driver, f"{ui}/artifacts/artifact/{summary.id}", args.out / "3-finished-summary.png",
                   must_see="kept teacher")

@@ -105,7 +105,8 @@ def train_hypernet(store_root: str, model_dir: str | None, cfg: TrainStageConfig
         (out / "base_model.json").write_text(json.dumps({"model_dir": model_dir}))
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dist.device())
     tok = load_tokenizer(model_dir)
-    summary = train(base, tok, cfg.hyper.model_dump(), cfg.optim.model_dump(), train_rows, eval_rows or None, out, resume=cfg.resume,
+    summary = train(base, tok, cfg.hyper.to_config(), cfg.optim.model_dump(), train_rows, eval_rows or None, out,
+                    resume=cfg.resume,
                     on_metrics=on_metrics if dist.is_main else None, progress=progress and dist.is_main,
                     dist=dist)
     summary.pop("hypernet", None)

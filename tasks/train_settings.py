@@ -19,8 +19,8 @@ class HyperSettings(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["down_proj"],
                                       description="Base-model modules that get a generated LoRA (names or patterns).")
     rank: int = Field(8, ge=1, description="LoRA rank r of each generated adapter.")
-    alpha: float | None = Field(None, gt=0, description="Scale on B @ A; empty: 2 * rank ** 1.5.")
-    layers: int | list[int] | None = Field(None, description="Empty: every layer; N: the first N; a list: these.")
+    alpha: float = Field(0.0, ge=0, description="Scale on B @ A; 0: 2 * rank ** 1.5.")
+    layers: int | list[int] = Field(0, description="0: every layer; N: the first N; a list: these layer indices.")
     latent_count: int = Field(8, ge=1, description="Learned latents per layer.")
     latent_dim: int = Field(128, ge=8, description="Width of the Perceiver (the paper-sized network uses 512).")
     depth: int = Field(1, ge=1, description="Cross-attention blocks of the encoder.")
@@ -35,6 +35,13 @@ class HyperSettings(BaseModel):
     l1_weight: float = Field(0.1, ge=0, description="L1 penalty on the generated A and B.")
     merge: Literal["concat", "mean"] = Field("concat", description="How several chunks' LoRAs combine.")
 
+    def to_config(self) -> dict:
+        """HyperConfig's fields (0 alpha / 0 layers -> its automatic None)."""
+        d = self.model_dump()
+        d["alpha"] = d["alpha"] or None
+        d["layers"] = d["layers"] or None
+        return d
+
 
 class OptimSettings(BaseModel):
     """Optimisation, evaluation and checkpoints (model/training/config.py TrainConfig)."""
@@ -48,7 +55,7 @@ class OptimSettings(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     batch_size: int = Field(4, ge=1, description="Samples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_grad_norm: float | None = Field(1.0, ge=0, description="Clip the gradient norm; empty or 0: no clipping.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm; 0: no clipping.")
     seed: int = 0
     multi_chunk: bool = Field(True, description="Train on documents split into several chunks too.")
     renormalise: bool = Field(False, description="Divide the teacher's top-k probabilities by their sum.")

@@ -60,12 +60,13 @@ def test_typed_hyper_and_optim_mirror_the_dataclasses():
     optim_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     assert set(HyperSettings.model_fields) <= set(hyper_fields)
     assert set(OptimSettings.model_fields) <= set(optim_fields)
-    HyperConfig.from_dict(HyperSettings().model_dump())  # every value is accepted by the dataclass
+    HyperConfig.from_dict(HyperSettings().to_config())  # every value is accepted by the dataclass
     TrainConfig(**OptimSettings().model_dump())
+    assert HyperSettings(alpha=3.0, layers=[0, 2]).to_config()["layers"] == [0, 2]
     demo = {"latent_dim", "depth", "total_steps", "warmup_steps", "batch_size", "eval_every", "eval_batches",
             "checkpoint_every"}  # the CPU demo's sizes; every other default is the dataclass's
-    for settings, fields in ((HyperSettings(), hyper_fields), (OptimSettings(), optim_fields)):
-        for name, value in settings.model_dump().items():
+    for values, fields in ((HyperSettings().to_config(), hyper_fields), (OptimSettings().model_dump(), optim_fields)):
+        for name, value in values.items():
             f = fields[name]
             base = f.default_factory() if f.default is dataclasses.MISSING else f.default
             assert name in demo or value == base, name
