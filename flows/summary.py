@@ -82,6 +82,8 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
         for row in rej:
             r.add_row(*(str(v) for v in row))
         console.print(r)
+    for problem in stats.get("data_loss") or []:
+        console.print(f"[bold yellow]data loss:[/bold yellow] {problem}")
     store = stats.get("store", "store")
     console.print(f"store: [bold]{store}[/bold]  ({idx.get('shards', 0)} shards, "
                   f"{idx.get('shard_bytes', 0) / 1e6:.2f} MB; "
