@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.config import PipelineConfig
+from flows.lineage import unit_labels
 from flows.runners import run_units
 from flows.runs import stage_run
 from tasks.chunk import chunk_key, chunk_unit, tokenizer_id
@@ -31,13 +32,14 @@ def chunk_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
             return dict(stats)
         model_dir = resolve_model(config.base_model, str(store.root))
         fp = tokenizer_id(model_dir)
+        labels = unit_labels(store)
 
         def plan(e: ShardEntry) -> dict[str, Any] | str:
             key = chunk_key(e.key, fp, config.chunk)
             if store.done(manifest, "chunk", key):
                 return "done_before"
             return {"store_root": str(store.root), "documents_path": e.path, "model_dir": model_dir,
-                    "cfg": config.chunk, "key": key}
+                    "cfg": config.chunk, "key": key, "label": labels.get(e.key, key)}
 
         def done(e: ShardEntry, res: dict[str, Any]) -> None:
             store.catalog.register(entries_from_dicts(res["entries"]), run_id)

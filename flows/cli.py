@@ -67,7 +67,7 @@ FLOWS = {
     "teacher": ("flows.teacher", "teacher_flow"),
     "index": ("flows.index", "index_flow"),
     "train": ("flows.train_ddp", "run_train"),  # the train flow; data-parallel under torchrun (docs/scaling.md)
-    "evaluate": ("flows.evaluate", "evaluate_flow"),
+    "evaluate": ("flows.evaluate", "run_evaluate"),
 }
 
 
@@ -211,7 +211,8 @@ class Format(str, Enum):
 @app.command("sql")
 def sql(
     query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT reason, count(*) FROM rejects GROUP BY 1".'),
-    store: str = typer.Option("store", help="Store folder whose catalog to query."),
+    store: Optional[str] = typer.Option(None, help="Store folder whose catalog to query (default: $D2L_STORE, "
+                                        "else the nearest ./store in this folder or a parent)."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to a .parquet or .csv file."),
     timeout: float = typer.Option(60.0, help="Stop the query after this many seconds (0: no limit)."),
@@ -225,8 +226,9 @@ def sql(
     ran). Writes (DDL, DML, COPY, ATTACH, SET, PRAGMA, CALL, INSTALL) are refused. Examples: README.md and
     docs/operating.md."""
     from flows.sql_command import run_sql_command
+    from tasks.sql import find_store
 
-    raise typer.Exit(run_sql_command(store, query, fmt.value, out, timeout, limit, memory_limit))
+    raise typer.Exit(run_sql_command(store or find_store(), query, fmt.value, out, timeout, limit, memory_limit))
 
 
 bench_app = typer.Typer(help="Benchmarks of the method (CPU, one process; outputs under store/bench/).",

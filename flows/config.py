@@ -1,4 +1,7 @@
-"""The pipeline's one config object: defaults here, a YAML file over them, `--set key=value` over that."""
+"""The pipeline's one config object: defaults here, a YAML file over them, `--set key=value` over that.
+
+These defaults are the embedded default run's: configs/default.yaml spells out the same values (a test keeps
+them equal), so `d2l run`, `make run`, the deployments' forms and the nightly write the same content keys."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.data_loss import DataLossConfig
 from flows.runners import RunnerConfig
 from tasks.chunk import ChunkStageConfig
 from tasks.evaluate import EvaluateConfig
@@ -16,7 +20,9 @@ from tasks.synthesize import SynthesizeConfig
 from tasks.teacher import TeacherConfig
 from tasks.train import TrainStageConfig
 
-DEFAULT_SOURCES = ["corpus/sample", "synthetic://facts?n=48&seed=0"]
+DEFAULT_SOURCES = ["corpus/sample", "synthetic://facts?n=8&seed=0"]
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+DEFAULT_DEMO = "corpus/sample/what-is-doc2lora.md"
 
 
 class PipelineConfig(BaseModel):
@@ -27,13 +33,13 @@ class PipelineConfig(BaseModel):
     store: str = Field("store", description="Folder holding shards, the DuckDB catalog and cached models.")
     sources: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCES),
                                description="Files, folders, globs, synthetic:// or datasets:// specs to ingest.")
-    base_model: str = Field("smollm2-135m-instruct",
+    base_model: str = Field(DEFAULT_BASE_MODEL,
                             description="A model folder, a hub id, or a built-in name (smollm2-135m-instruct).")
     stages: list[Literal["synthesize", "teacher", "train"]] = Field(
-        default_factory=lambda: ["synthesize", "teacher"],
+        default_factory=lambda: ["synthesize", "teacher", "train"],
         description="Optional stages the pipeline runs after ingest and chunk (index always runs last).")
     lock_timeout: float = Field(0.0, ge=0, description="Seconds to wait for another writer on the store.")
-    progress: bool = Field(True, description="Show progress bars.")
+    progress: bool = Field(True, description="Progress bars, when attached to a terminal (the UI has progress artifacts).")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     chunk: ChunkStageConfig = Field(default_factory=ChunkStageConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
@@ -43,8 +49,10 @@ class PipelineConfig(BaseModel):
                                      description="The evaluate flow (`d2l evaluate`): methods, documents, CD baseline.")
     runner: RunnerConfig = Field(default_factory=RunnerConfig,
                                  description="Where the units of ingest/chunk/synthesize/teacher run (docs/scaling.md).")
-    demo_document: str | None = Field(
-        None, description="After training, write the PEFT adapter of this file to <store>/adapters/demo.")
+    data_loss: DataLossConfig = Field(default_factory=DataLossConfig, description=(
+        "Floors on the share each stage keeps; below one the run ends in the `DataLoss` state (or fails)."))
+    demo_document: str = Field(DEFAULT_DEMO, description=(
+        "After training, write the PEFT adapter of this file to the store's adapters/demo folder (empty: none)."))
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

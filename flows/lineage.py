@@ -37,6 +37,15 @@ def lineages(manifest: Manifest, config: PipelineConfig, tokenizer_fp: str, ques
     return out
 
 
+def unit_labels(store: Store) -> dict[str, str]:
+    """Ingest unit key -> the source it was read from (for task run names: `teacher` followed by the source file)."""
+    if not store.catalog.path.exists():
+        return {}
+    with store.catalog.read() as con:
+        rows = con.execute("SELECT unit_key, min(source) FROM source_scans GROUP BY 1").fetchall()
+    return {k: (s if len(s) <= 80 else "..." + s[-77:]) for k, s in rows}
+
+
 def current_lineages(config: PipelineConfig, store_root: str) -> tuple[str, Manifest, list[Lineage]]:
     """Resolve the base model, read the manifest, and derive every chain of keys for this config."""
     from tasks.chunk import tokenizer_id

@@ -15,7 +15,8 @@ plus bookkeeping:
 
 Overlaps: the deployment has a concurrency limit of 1 (prefect.yaml), and the run holds the store's writer
 lock for its whole duration. If another writer (a manual `d2l run`, a pipeline deployment) holds the lock,
-the refresh waits up to `lock_timeout` seconds, then skips (a warning, a "skipped" summary, no writes).
+the refresh waits up to `lock_timeout` seconds, then skips: no writes, a "skipped" summary naming the flow run
+(id, deployment, start) that holds the store, and a final state named `Skipped` with that reason.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.chunk import chunk_flow
 from flows.config import PipelineConfig, load_config, parse_override
+from flows.data_loss import final_state
 from flows.index import index_flow
 from flows.ingest import ingest_flow
 from flows.runners import shared_runner
-from flows.runs import stage_run
+from flows.runs import run_owner, stage_run
 from flows.synthesize import synthesize_flow
 from flows.teacher import teacher_flow
 from tasks.common import Store, StoreLockedError
@@ -211,7 +213,7 @@ def nightly_refresh_flow(
     overrides: list[str] | None = None,
     store: str | None = None,
     lock_timeout: float = 1800.0,
-) -> dict[str, Any]:
+) -> Any:
     """Rescan the sources; process only new or changed files; mark documents that disappeared.
 
     Args:
@@ -227,7 +229,7 @@ def nightly_refresh_flow(
     t0 = time.monotonic()
     with ExitStack() as held:
         try:  # wait for another writer up to lock_timeout, then skip; nothing is read or written before this
-            held.enter_context(Store(cfg.store, lock_timeout=cfg.lock_timeout).writing())
+            held.enter_context(Store(cfg.store, lock_timeout=cfg.lock_timeout).writing(run_owner()))
         except StoreLockedError as exc:
             logger.warning("nightly refresh skipped: %s", exc)
             result: dict[str, Any] = {"skipped": str(exc), "store": cfg.store,
@@ -241,4 +243,8 @@ def nightly_refresh_flow(
         logger.info("refresh: %d new, %d changed, %d removed files; %s documents marked missing; %s model calls",
                     f["new"], f["changed"], f["removed"], result["documents"]["missing"],
                     result["work"]["model_calls"])
-    return result
+    if result.get("skipped"):
+        from prefect.states import Completed
+
+        return Completed(name="Skipped", message=f"Skipped: {result['skipped']}", data=result)
+    return final_state(result, cfg.data_loss, logger) or result

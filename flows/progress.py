@@ -18,7 +18,14 @@ from typing import Iterable, Iterator, TypeVar
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-__all__ = ["StageProgress", "in_prefect_run", "progress_key", "tracked"]
+__all__ = ["StageProgress", "bars", "in_prefect_run", "progress_key", "tracked"]
+
+
+def bars(progress: bool) -> bool:
+    """Draw tqdm bars only when asked and attached to a terminal (under a worker they would fill its log)."""
+    import sys
+
+    return bool(progress) and sys.stderr.isatty()
 
 
 def in_prefect_run() -> bool:
@@ -83,15 +90,23 @@ class StageProgress:
         self._last = time.monotonic()
 
 
-def tracked(items: Iterable[T], stage: str, total: int | None = None, unit: str = "unit") -> Iterator[T]:
-    """Yield `items`; an item counts as done when the loop asks for the next one (`continue` included)."""
+def tracked(items: Iterable[T], stage: str, total: int | None = None, unit: str = "unit",
+            stats: dict | None = None) -> Iterator[T]:
+    """Yield `items`; an item counts as done when the loop asks for the next one (`continue` included).
+    Under a pipeline run, the parent run's progress (flows/run_progress.py) follows too, with `stats`."""
+    from flows.run_progress import current
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
         except TypeError:
             total = 0
     bar = StageProgress(stage, total, unit=unit)
+    parent = current()
+    if parent is not None:
+        parent.units(stage, total, unit)
     for item in items:
         yield item
         bar.advance()
+        if parent is not None:
+            parent.advance(stage, bar.done, stats)
     bar.finish()

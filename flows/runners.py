@@ -337,7 +337,7 @@ def run_units(
     """
     from tqdm.auto import tqdm
 
-    from flows.progress import tracked
+    from flows.progress import bars, tracked
 
     calls: list[tuple[U, dict[str, Any]]] = []
     skipped: list[U] = []
@@ -360,8 +360,8 @@ def run_units(
                                       lambda: _placement(runner_cfg, model_bound),
                                       lambda: _worker_settings(runner_cfg))
 
-    bar = tqdm(outcomes(), total=len(items), desc=stage, unit=unit, disable=not progress)
-    for item, res, err in tracked(bar, stage, total=len(items), unit=unit):
+    bar = tqdm(outcomes(), total=len(items), desc=stage, unit=unit, disable=not bars(progress))
+    for item, res, err in tracked(bar, stage, total=len(items), unit=unit, stats=stats):
         if err is not None:
             failures.append((item, err))
             log.error("%s: unit %r failed: %s", stage, item, err)

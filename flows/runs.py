@@ -13,6 +13,19 @@ from flows.config import PipelineConfig
 from tasks.common import Store, current_run_id
 
 
+def run_owner() -> dict[str, str]:
+    """The current flow run as the writer lock's owner: id, name, flow, deployment, start time (UTC)."""
+    try:
+        from prefect.runtime import deployment, flow_run
+
+        start = flow_run.scheduled_start_time
+        return {"flow_run_id": str(flow_run.id or ""), "flow_run_name": flow_run.name or "",
+                "flow": flow_run.flow_name or "", "deployment": deployment.name or "",
+                "since": start.strftime("%Y-%m-%dT%H:%M:%SZ") if start else ""}
+    except Exception:  # noqa: BLE001 - outside a run: the process details alone
+        return {}
+
+
 def _flat(stats: dict[str, Any]) -> list[dict[str, str]]:
     """Stats as rows of (metric, value) for a table artifact; nested dicts are shown as key.subkey."""
     rows = []
@@ -41,7 +54,7 @@ def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, d
     run_id = current_run_id()
     stats: dict[str, Any] = {}
     t0 = time.monotonic()
-    with store.writing():
+    with store.writing(run_owner()):
         store.catalog.start_run(run_id, flow, config.model_dump(mode="json"))
         try:
             yield store, run_id, stats

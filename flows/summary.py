@@ -99,6 +99,8 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
         for row in rej:
             r.add_row(*(str(v) for v in row))
         console.print(r)
+    for problem in stats.get("data_loss") or []:
+        console.print(f"[bold yellow]data loss:[/bold yellow] {problem}")
     _print_damaged(stats)
     print_next_steps(stats)
 

@@ -7,7 +7,8 @@ from typing import Any
 from prefect import flow
 
 from flows.config import PipelineConfig
-from flows.lineage import Lineage, current_lineages
+from flows.lineage import Lineage, current_lineages, unit_labels
+from flows.progress import bars
 from flows.runners import run_units
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
@@ -31,6 +32,7 @@ def synthesize_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]
         gen_id = generator_identity(config.synthesize.generator, model_dir)
         stats.update(units=len(chains), done_before=0, written=0, waiting_for_chunks=0, questions=0, rejects=0)
         in_process = config.runner.kind == "threads"
+        labels = unit_labels(store)
 
         def plan(ch: Lineage) -> dict[str, Any] | str:
             chunks = ch.entry(manifest, "chunk", "chunks")
@@ -40,7 +42,7 @@ def synthesize_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]
                 return "done_before"
             return {"store_root": str(store.root), "chunks_path": chunks.path, "documents_path": ch.documents.path,
                     "model_dir": model_dir, "cfg": config.synthesize, "generator_id": gen_id, "key": ch.synth_key,
-                    "progress": config.progress and in_process}
+                    "progress": bars(config.progress) and in_process, "label": labels.get(ch.documents.key, ch.documents.key)}
 
         def done(ch: Lineage, res: dict[str, Any]) -> None:
             store.catalog.register(entries_from_dicts(res["entries"]), run_id)

@@ -7,7 +7,8 @@ from typing import Any
 from prefect import flow
 
 from flows.config import PipelineConfig
-from flows.lineage import Lineage, current_lineages
+from flows.lineage import Lineage, current_lineages, unit_labels
+from flows.progress import bars
 from flows.runners import run_units
 from flows.runs import stage_run
 from tasks.common import entries_from_dicts
@@ -32,6 +33,7 @@ def teacher_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         stats.update(units=len(chains), done_before=0, written=0, waiting_for_questions=0, samples=0,
                      answer_tokens=0, unfinished=0, rejects=0)
         in_process = config.runner.kind == "threads"
+        labels = unit_labels(store)
 
         def plan(ch: Lineage) -> dict[str, Any] | str:
             questions = ch.entry(manifest, "synthesize", "questions")
@@ -42,7 +44,7 @@ def teacher_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
                 return "done_before"
             return {"store_root": str(store.root), "questions_path": questions.path, "chunks_path": chunks.path,
                     "model_dir": model_dir, "cfg": config.teacher, "teacher_id": teacher_id,
-                    "key": ch.teacher_key, "progress": config.progress and in_process}
+                    "key": ch.teacher_key, "progress": bars(config.progress) and in_process, "label": labels.get(ch.documents.key, ch.documents.key)}
 
         def done(ch: Lineage, res: dict[str, Any]) -> None:
             store.catalog.register(entries_from_dicts(res["entries"]), run_id)

@@ -25,15 +25,15 @@ def run_train(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     from tasks.train import init_from_env, launched, shutdown
 
     if not launched():
-        from flows.train import train_flow
+        from flows.train import train_flow, train_params
 
-        return train_flow(config)
+        return train_flow(**train_params(config))
     dist = init_from_env()
     try:
         if dist.is_main:
-            from flows.train import train_flow
+            from flows.train import train_flow, train_params
 
-            return train_flow(config)
+            return train_flow(**train_params(config))
         from tasks.train import train_hypernet
 
         summary = train_hypernet.fn(str(Path(config.store).resolve()), None, config.train, progress=False)

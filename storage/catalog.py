@@ -4,7 +4,9 @@ The catalog file is only ever held open for a moment, and only by processes that
 so two processes never open it at once. After each commit the writer publishes a read replica
 (`catalog-replica.duckdb`, storage/catalog_files.py); people and their tools query the replica, never the
 catalog itself. Views list the manifest's shard paths explicitly: a file that was never registered (a
-temporary file, or a shard whose writer died before registering it) is invisible to SQL.
+temporary file, or a shard whose writer died before registering it) is invisible to SQL. Registering a unit rebuilds the views of its
+tables in the same transaction, so SQL during a run sees every shard as soon as it is registered (and
+published to the replica).
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class Catalog:
                     "run_id, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [e.stage, e.key, e.table, e.path, e.rows, e.bytes, e.checksum, _now(), run_id, e.mtime_ns],
                 )
+            self._create_views(con, sorted({e.table for e in entries if e.table in TABLES}), existing_only=True)
 
     def unregister(self, stage: str, key: str) -> None:
         with self.write() as con:
@@ -263,19 +266,25 @@ class Catalog:
     def refresh_views(self) -> None:
         """(Re)create one view per table over exactly the shards the manifest lists."""
         with self.write(publish=True) as con:
-            for table in TABLES:
-                paths = [str(self._schema_file(table))] + [
-                    r[0] for r in con.execute(
-                        "SELECT path FROM manifest WHERE table_name = ? ORDER BY path", [table]).fetchall()
-                ]
-                files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
-                src = f"read_parquet({files}, union_by_name = true)"
-                pk = PRIMARY_KEYS.get(table)
-                if pk:
-                    order = FIRST_BY.get(table, pk)
-                    src = (f"(SELECT * EXCLUDE (_rn) FROM (SELECT *, row_number() OVER "
-                           f"(PARTITION BY {pk} ORDER BY {order}) AS _rn FROM {src}) WHERE _rn = 1)")
-                con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {src}")
+            self._create_views(con, list(TABLES))
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection, tables: list[str], existing_only: bool = False) -> None:
+        """The views of `tables` over the manifest's shards, inside the caller's transaction (`existing_only`:
+        leave out files that are gone, so that registering never fails on another unit's lost shard)."""
+        for table in tables:
+            paths = [str(self._schema_file(table))] + [
+                r[0] for r in con.execute(
+                    "SELECT path FROM manifest WHERE table_name = ? ORDER BY path", [table]).fetchall()
+                if not existing_only or Path(r[0]).exists()
+            ]
+            files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+            src = f"read_parquet({files}, union_by_name = true)"
+            pk = PRIMARY_KEYS.get(table)
+            if pk:
+                order = FIRST_BY.get(table, pk)
+                src = (f"(SELECT * EXCLUDE (_rn) FROM (SELECT *, row_number() OVER "
+                       f"(PARTITION BY {pk} ORDER BY {order}) AS _rn FROM {src}) WHERE _rn = 1)")
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {src}")
 
     def verify(self, checksums: bool = True) -> list[ShardEntry]:
         """Manifest entries whose file is missing or altered."""

@@ -32,7 +32,17 @@ class FileLock:
         except (OSError, ValueError):
             return {}
 
-    def acquire(self) -> "FileLock":
+    def describe_holder(self) -> str:
+        """Who holds the lock, in words: the flow run (id, deployment) when a flow wrote it, else the process."""
+        h = self.holder()
+        if h.get("flow_run_id"):
+            dep = f", deployment {h['deployment']}" if h.get("deployment") else ""
+            return (f"flow run {h.get('flow_run_name') or '?'} (id {h['flow_run_id']}{dep}, flow "
+                    f"{h.get('flow', '?')}) started {h.get('since', '?')}, pid {h.get('pid', '?')} on {h.get('host', '?')}")
+        return f"pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}: {h.get('command', '?')}"
+
+    def acquire(self, owner: dict | None = None) -> "FileLock":
+        """Take the lock; `owner` (e.g. the flow run id, name and deployment) goes into the lock file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -43,10 +53,8 @@ class FileLock:
             except BlockingIOError:
                 if deadline is not None and time.monotonic() >= deadline:
                     os.close(fd)
-                    h = self.holder()
-                    who = f"pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}"
                     raise StoreLockedError(
-                        f"The {self.what} is locked by another writer ({who}: {h.get('command', '?')}). "
+                        f"The {self.what} is locked by another writer ({self.describe_holder()}). "
                         f"Waited {self.timeout:g}s. Wait for it to finish, or raise the lock timeout "
                         f"(--lock-timeout) to queue behind it."
                     ) from None
@@ -56,6 +64,7 @@ class FileLock:
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": " ".join(sys.argv)[:300],
+            **{k: str(v)[:200] for k, v in (owner or {}).items() if v},
         }
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode())

@@ -48,15 +48,16 @@ class Store:
         return FileLock(self.root / "writer.lock", self.lock_timeout, what="store")
 
     @contextmanager
-    def writing(self) -> Iterator[None]:
-        """Hold the store's writer lock for the block; re-entrant within a process (a flow and its subflows)."""
+    def writing(self, owner: dict | None = None) -> Iterator[None]:
+        """Hold the store's writer lock for the block; re-entrant within a process (a flow and its subflows).
+        `owner` says who holds it (written into the lock file, shown to whoever waits for it)."""
         with _held_lock:
             depth = _held.get(self.root, 0)
             _held[self.root] = depth + 1
         lock = None
         try:
             if depth == 0:
-                lock = self.writer_lock().acquire()
+                lock = self.writer_lock().acquire(owner)
                 self.clean_temporary_files()
                 try:
                     self.crashed_runs = self.catalog.mark_crashed()

@@ -28,7 +28,7 @@ class ChunkStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(512, ge=8, description="Tokens per chunk, chat-template affixes included.")
+    max_tokens: int = Field(256, ge=8, description="Tokens per chunk, chat-template affixes included.")
     overlap_tokens: int = Field(0, ge=0, description="Tokens shared by neighbouring chunks.")
 
     def to_model(self) -> ChunkConfig:
@@ -57,8 +57,9 @@ def chunk_key(documents_key: str, tokenizer_fp: str, cfg: ChunkStageConfig) -> s
                        [documents_key, tokenizer_fp])
 
 
-@task(name="chunk-unit", task_run_name="chunk {key}")
-def chunk_unit(store_root: str, documents_path: str, model_dir: str, cfg: ChunkStageConfig, key: str) -> dict[str, Any]:
+@task(name="chunk-unit", task_run_name="chunk {label}")
+def chunk_unit(store_root: str, documents_path: str, model_dir: str, cfg: ChunkStageConfig, key: str,
+               label: str = "") -> dict[str, Any]:
     """Chunk every document of one shard; a document that fails becomes a reject, not a crash."""
     tok = _tokenizer(model_dir)
     docs = pq.read_table(documents_path, columns=["doc_id", "text", "source"]).to_pylist()

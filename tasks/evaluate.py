@@ -34,13 +34,14 @@ class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(None, description="Hypernetwork run folder or checkpoint folder "
-                                   "(default: <store>/hypernets/<train.name>).")
+                                   "(default: the store's hypernets folder of the run to evaluate).")
     held_out_fraction: float | None = Field(None, ge=0, lt=1, description="Held-out share by doc_id hash "
                                             "(default: train.held_out_fraction, the split training used).")
     max_docs: int | None = Field(64, ge=1, description="Evaluate at most this many held-out contexts (chunks).")
     max_questions_per_doc: int | None = Field(None, ge=1, description="At most this many questions per context.")
-    methods: list[MethodName] = Field(default_factory=lambda: ["teacher", "no_doc", "d2l", "cd"],
-                                      description="Methods to run: teacher, no_doc, d2l, cd.")
+    methods: list[MethodName] = Field(default_factory=lambda: ["teacher", "no_doc", "d2l"], description=(
+        "Methods to run: teacher, no_doc, d2l, cd. cd (per-document context distillation) is slow: "
+        "cd_steps Adam steps per document; add it for the full comparison."))
     max_new_tokens: int = Field(64, ge=1, description="Greedy answer length limit, every method.")
     batch_size: int = Field(16, ge=1, description="Questions per generation / scoring batch.")
     chunk_max_tokens: int | None = Field(None, ge=8, description="D2L: wrapped tokens per chunk when "

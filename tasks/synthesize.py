@@ -33,7 +33,7 @@ class SynthesizeConfig(BaseModel):
     questions_per_round: int = Field(3, ge=1, le=50)
     rounds: int = Field(2, ge=1, le=2, description="2 adds non-redundant, reversal and multi-hop questions.")
     prompt_version: str = PROMPT_VERSION
-    max_new_tokens: int = Field(160, ge=8)
+    max_new_tokens: int = Field(128, ge=8)
     temperature: float = Field(0.0, ge=0)
     seed: int = 0
     generator: BackendConfig = Field(default_factory=BackendConfig)
@@ -106,9 +106,10 @@ def llm_questions(chunks: list[dict], model_dir: str, cfg: SynthesizeConfig, gen
     return rows, rejects
 
 
-@task(name="synthesize-unit", task_run_name="synthesize {key}")
+@task(name="synthesize-unit", task_run_name="synthesize {label}")
 def synthesize_unit(store_root: str, chunks_path: str, documents_path: str, model_dir: str,
-                    cfg: SynthesizeConfig, generator_id: str, key: str, progress: bool = False) -> dict[str, Any]:
+                    cfg: SynthesizeConfig, generator_id: str, key: str, progress: bool = False,
+                    label: str = "") -> dict[str, Any]:
     """Questions for every chunk of one shard."""
     chunks = pq.read_table(chunks_path, columns=["chunk_id", "doc_id", "chunk_index", "text"]).to_pylist()
     docs = pq.read_table(documents_path, columns=["doc_id", "gold_qa"]).to_pylist()

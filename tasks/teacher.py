@@ -33,7 +33,7 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     topk: int = Field(16, ge=1, le=64, description="Top log-probs kept per answer token (vLLM serves <= 20).")
-    max_new_tokens: int = Field(128, ge=1, description="Longer answers are dropped as unfinished.")
+    max_new_tokens: int = Field(96, ge=1, description="Longer answers are dropped as unfinished.")
     generator: BackendConfig = Field(default_factory=BackendConfig)
 
 
@@ -50,9 +50,9 @@ def teacher_sample(q: dict, teacher_id: str, student_prefix: list[int], out: Any
                       question_id=q["question_id"], teacher=teacher_id, answer=out.text)
 
 
-@task(name="teacher-unit", task_run_name="teacher {key}")
+@task(name="teacher-unit", task_run_name="teacher {label}")
 def teacher_unit(store_root: str, questions_path: str, chunks_path: str, model_dir: str, cfg: TeacherConfig,
-                 teacher_id: str, key: str, progress: bool = False) -> dict[str, Any]:
+                 teacher_id: str, key: str, progress: bool = False, label: str = "") -> dict[str, Any]:
     """Answer every question of one shard with its chunk in the prompt; keep the top-k of each answer token."""
     questions = pq.read_table(questions_path).to_pylist()
     chunk_text = dict(zip(*pq.read_table(chunks_path, columns=["chunk_id", "text"]).to_pydict().values()))

@@ -14,6 +14,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.catalog import Catalog
+from tasks.train_settings import HyperSettings, OptimSettings
 
 __all__ = ["TrainStageConfig", "init_from_env", "launched", "read_training_rows", "run_dir", "shutdown",
            "train_hypernet"]
@@ -45,13 +46,13 @@ class TrainStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("default", description="Run name: checkpoints go to <store>/hypernets/<name>/.")
-    hyper: dict[str, Any] = Field(default_factory=dict, description="HyperConfig fields (model/hypernet/config.py).")
-    optim: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields (model/training/config.py).")
-    held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Documents held out for evaluation (by doc_id hash).")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples (smoke runs).")
+    name: str = Field("smollm2-demo", description="Run name: checkpoints go to the store's hypernets/NAME folder.")
+    hyper: HyperSettings = Field(default_factory=HyperSettings, description="The hypernetwork's shape.")
+    optim: OptimSettings = Field(default_factory=OptimSettings, description="Steps, batch, learning rate, evals.")
+    held_out_fraction: float = Field(0.2, ge=0, lt=1, description="Documents held out for evaluation (by doc_id hash).")
+    max_samples: int = Field(0, ge=0, description="Use at most this many samples (smoke runs); 0: all.")
     resume: bool = Field(True, description="Continue from the newest checkpoint of this run name.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's choice.")
 
 
 def run_dir(store_root: str, name: str) -> Path:
@@ -115,7 +116,8 @@ def train_hypernet(store_root: str, model_dir: str | None, cfg: TrainStageConfig
             marker.write_text(text)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dist.device())
     tok = load_tokenizer(model_dir)
-    summary = train(base, tok, cfg.hyper, cfg.optim, train_rows, eval_rows or None, out, resume=cfg.resume,
+    summary = train(base, tok, cfg.hyper.to_config(), cfg.optim.model_dump(), train_rows, eval_rows or None, out,
+                    resume=cfg.resume,
                     on_metrics=on_metrics if dist.is_main else None, progress=progress and dist.is_main,
                     dist=dist)
     summary.pop("hypernet", None)

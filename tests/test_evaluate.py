@@ -238,7 +238,6 @@ def _write_store(store: Path, tok, docs, rows):
 
 
 def test_evaluate_flow_writes_eval_results_report_and_plot(prefect_server, tiny_tokenizer_dir, tmp_path):
-    from flows.config import load_config
     from flows.evaluate import evaluate_flow
     from model.training.loop import train
     from storage.catalog import Catalog
@@ -254,12 +253,11 @@ def test_evaluate_flow_writes_eval_results_report_and_plot(prefect_server, tiny_
     train(model, tok, net.config, dict(total_steps=2, warmup_steps=0, batch_size=8, eval_at_start=False,
                                        eval_every=0, checkpoint_every=0),
           rows, None, store / "hypernets" / "t", progress=False)
-    cfg = load_config(None, [f"store={store}", f"base_model={model_dir}", "progress=false", "train.name=t",
-                             "train.held_out_fraction=0.5"])
     from tasks.evaluate import EvaluateConfig
 
-    ecfg = EvaluateConfig(max_new_tokens=3, cd_steps=3, cd_max_docs=1, batch_size=8)
-    stats = evaluate_flow(cfg, ecfg)
+    ecfg = EvaluateConfig(max_new_tokens=3, cd_steps=3, cd_max_docs=1, batch_size=8,
+                          methods=["teacher", "no_doc", "d2l", "cd"], held_out_fraction=0.5)
+    stats = evaluate_flow(store=str(store), base_model=str(model_dir), train_name="t", evaluate=ecfg, progress=False)
     assert not stats["done_before"]
     assert Path(stats["report"]).read_text().startswith("# doc2lora evaluation")
     assert Path(stats["plot"]).read_bytes()[:4] == b"\x89PNG"
@@ -272,7 +270,7 @@ def test_evaluate_flow_writes_eval_results_report_and_plot(prefect_server, tiny_
     from model.training.data import is_held_out
 
     assert held and all(is_held_out(d, 0.5) for d in held)
-    again = evaluate_flow(cfg, ecfg)  # nothing changed: no model work, same key
+    again = evaluate_flow(store=str(store), base_model=str(model_dir), train_name="t", evaluate=ecfg, progress=False)  # nothing changed: no model work, same key
     assert again["done_before"] and again["key"] == stats["key"]
     assert run_query(cat, "SELECT count(*) FROM eval_results")[1][0][0] == sum(methods.values())
 

@@ -18,7 +18,8 @@ SHORT_DOC = ("# Lanterns of Veldmoor\n\nThe town of Veldmoor lights three hundre
 
 
 def smol_config(store, model_dir, source, **sets):
-    base = [f"store={store}", f"base_model={model_dir}", "progress=false", "chunk.max_tokens=200",
+    base = [f"store={store}", f"base_model={model_dir}", "progress=false", "stages=[synthesize,teacher]",
+            "chunk.max_tokens=200",
             "synthesize.questions_per_round=2", "synthesize.max_new_tokens=64", "teacher.max_new_tokens=40",
             "teacher.topk=8"]
     cfg = load_config(None, base + [f"{k}={v}" for k, v in sets.items()])

@@ -122,14 +122,19 @@ def test_refresh_processes_only_new_and_changed_files_and_marks_the_gone(prefect
 def test_refresh_skips_while_another_writer_holds_the_store(prefect_server, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
-    holder = FileLock(store / "writer.lock", 0, what="store").acquire()  # e.g. a `d2l run` in progress
+    owner = {"flow_run_id": "0b1c-run", "flow_run_name": "quiet-otter", "flow": "pipeline",
+             "deployment": "pipeline", "since": "2026-12-01T22:00:00Z"}  # what flows/runs.py run_owner() writes
+    holder = FileLock(store / "writer.lock", 0, what="store").acquire(owner)  # e.g. a UI pipeline run
     try:
         state = nightly_refresh_flow(sources=[str(tmp_path)], store=str(store), lock_timeout=0.3,
                                      return_state=True)
     finally:
         holder.release()
     stats = state.result()
-    assert state.is_completed() and "locked by another writer" in stats["skipped"]
+    assert state.is_completed() and state.name == "Skipped", state  # a named state, not a plain Completed
+    assert "locked by another writer" in stats["skipped"] and stats["skipped"] in state.message
+    for part in ("flow run quiet-otter", "id 0b1c-run", "deployment pipeline", "started 2026-12-01T22:00:00Z"):
+        assert part in state.message, (part, state.message)
     assert not (store / "catalog.duckdb").exists()  # nothing was read or written
     summary = _artifacts(state.state_details.flow_run_id, "d2l-nightly-summary")
     assert summary and "skipped" in summary[0].data
