@@ -64,6 +64,8 @@ class Profile:
     feature_positions: str = "none"  # HyperConfig.feature_positions
     rank_slots: bool = True  # HyperConfig.rank_slots (the reference's decoder did not learn 4+ facts here)
     scale_b_init: float = 0.1  # HyperConfig.scale_b_init (0: the reference's exactly-zero start)
+    alpha: float = 0.0  # HyperConfig.alpha, the direct scale on B @ A; 0: its default 2 * rank ** 1.5
+    min_lr_ratio: float = 0.05  # the cosine's floor as a fraction of lr (1: constant after the warmup)
     # extra training documents with fewer facts, (entities, relations per entity) each, prof.docs of every
     # kind; evaluation stays on the world's own documents. () = none
     train_mix: tuple[tuple[int, int], ...] = ()
@@ -162,19 +164,20 @@ def make_data(model, tok, world, prof: Profile, seed: int, log):
     gen = TransformersGenerator(model, tokenizer=tok, batch_size=128, name="toy")
     outs = gen.generate(prompts, SamplingConfig(max_new_tokens=4, topk_logprobs=prof.topk))
     rows: dict[str, dict[str, Any]] = {}
-    dropped = 0
+    dropped = unfinished = 0
     ctx_ids: dict[str, list[int]] = {}
     for (doc_id, d, j, qa), out in zip(items, outs):
-        if not out.ok or not out.finished or not out.token_ids:
+        if not out.ok or not out.token_ids:
             dropped += 1
             continue
+        unfinished += not out.finished
         student = wrap_as_user_turn(tok, qa["question"])
         ctx = ctx_ids.setdefault(doc_id, plain_tokens(tok, d.text))
         rows[f"{doc_id}-q{j}"] = sample_row(
             sample_id=f"{doc_id}-q{j}", doc_id=doc_id, chunk_id=doc_id, student_prefix=student,
             answer_ids=out.token_ids, topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, k=prof.topk,
-            context_ids=ctx, teacher_answer=out.text)
-    log(f"teacher: {len(rows)} answers ({dropped} unfinished dropped) in {time.perf_counter() - t0:.1f} s")
+            context_ids=ctx, teacher_answer=out.text, finished=bool(out.finished))
+    log(f"teacher: {len(rows)} answers ({unfinished} unfinished kept, {dropped} failed dropped) in {time.perf_counter() - t0:.1f} s")
     held_ids = {i for i, _ in held}
     train_rows = [r for r in rows.values() if r["doc_id"] not in held_ids]
     contexts = []
@@ -183,7 +186,7 @@ def make_data(model, tok, world, prof: Profile, seed: int, log):
               for j, qa in enumerate(d.qa)]
         contexts.append(EvalContext(doc_id, doc_id, d.text, qs))
     return train_rows, contexts, {"docs": len(docs), "train_docs": len(train_docs), "held_out_docs": len(held),
-                                  "train_samples": len(train_rows), "unfinished": dropped}
+                                  "train_samples": len(train_rows), "unfinished": unfinished, "dropped": dropped}
 
 
 def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Path, log, progress: bool):
@@ -194,8 +197,8 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
     hcfg = HyperConfig(target_modules=list(prof.targets), rank=prof.rank, latent_dim=prof.latent_dim,
                        latent_count=prof.latent_count, depth=prof.depth, heads=prof.heads, mlp_ratio=2,
                        feature_positions=prof.feature_positions, rank_slots=prof.rank_slots,
-                       scale_b_init=prof.scale_b_init)
-    tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr / 20, warmup_steps=prof.warmup, total_steps=prof.steps,
+                       scale_b_init=prof.scale_b_init, alpha=prof.alpha or None)
+    tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr * prof.min_lr_ratio, warmup_steps=prof.warmup, total_steps=prof.steps,
                        batch_size=prof.batch_size, multi_chunk=prof.multi_chunk, eval_every=prof.eval_every,
                        eval_at_start=False, eval_batches=4, checkpoint_every=0, log_every=10, seed=0,
                        l1_weight=prof.l1_weight, **({"chunk_dist": prof.chunk_dist} if prof.chunk_dist else {}))
@@ -341,15 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     net, train_stats = train_hypernet(base, tok, train_rows, eval_rows, prof, out / "hypernet", log, args.progress)
 
     t0 = time.perf_counter()
-    settings = EvalSettings(max_new_tokens=4, batch_size=64, cd_steps=prof.cd_steps, cd_lr=prof.cd_lr,
+    methods = ("teacher", "no_doc", "d2l") + (("cd",) if prof.cd_docs else ())  # --cd-docs 0: no CD
+    settings = EvalSettings(methods=methods, max_new_tokens=4, batch_size=64, cd_steps=prof.cd_steps, cd_lr=prof.cd_lr,
                             cd_max_docs=prof.cd_docs, cd_train_fraction=0.5)
     res = evaluate_contexts(base, tok, net, contexts, settings, run_id="bench-toy", progress=args.progress)
     log(f"evaluation: {len(res.rows)} rows in {time.perf_counter() - t0:.0f} s ({json.dumps({k: round(v, 2) for k, v in res.timings.items()})})")
     t0 = time.perf_counter()
-    long_rows = evaluate_long(base, tok, net, world, prof.long_factors, prof.long_docs, run_id="bench-toy", batch_size=64)
+    long_rows = evaluate_long(base, tok, net, world, prof.long_factors, prof.long_docs, run_id="bench-toy",
+                              batch_size=64) if prof.long_docs else []  # --long-docs 0 / --needle-docs 0: skipped
     long_rows += needle_test(base, tok, net, world, prof.needle_factor, prof.needle_depths, prof.needle_docs,
-                             run_id="bench-toy", batch_size=64)
-    long = long_summary(long_rows)
+                             run_id="bench-toy", batch_size=64) if prof.needle_docs else []
+    long = long_summary(long_rows) if long_rows else None
     log(f"long documents and needle: {len(long_rows)} rows in {time.perf_counter() - t0:.0f} s")
 
     from model.evaluation.report import write_report

@@ -53,6 +53,9 @@ class TrainConfig:
     multi_chunk: bool = True
     chunk_dist: dict[int, float] = field(default_factory=default_chunk_dist)
     min_piece_tokens: int = 1  # a context shorter than n * this is split into fewer pieces
+    # teacher answers cut at max_new_tokens (samples.finished = false): their tokens are valid targets.
+    # False: train on finished answers only (held-out rows are scored either way)
+    use_unfinished: bool = True
     # -- loss
     l1_weight: float | None = None  # None: HyperConfig.l1_weight
     merge: str | None = None  # "concat" | "mean"; None: HyperConfig.merge
@@ -91,7 +94,7 @@ class TrainConfig:
     RESULT_FIELDS = (
         "lr", "min_lr", "warmup_steps", "total_steps", "weight_decay", "betas", "eps", "batch_size",
         "grad_accum", "max_grad_norm", "seed", "bucket_by_length", "bucket_batches", "drop_last",
-        "multi_chunk", "chunk_dist", "min_piece_tokens", "l1_weight", "merge", "renormalise", "bf16",
+        "multi_chunk", "chunk_dist", "min_piece_tokens", "use_unfinished", "l1_weight", "merge", "renormalise", "bf16",
     )
 
     def result_dict(self) -> dict[str, Any]:
