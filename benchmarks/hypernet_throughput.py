@@ -135,10 +135,15 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     docs = generate(max(args.batch_size, 16), seed=11)
     items = [{"doc_id": f"d{i}", "context": d.text, "question": d.qa[0]["question"], "answer": d.qa[0]["answer"]}
              for i, d in enumerate(docs)]
-    rows = teacher_rows_from_model(model, tok, items, topk=16)
+    per = max(1, args.rows_per_context)  # the grouped batch: `per` questions of each of batch / per documents
+    items += [{"doc_id": f"g{i}", "chunk_id": f"g{i}", "context": d.text, "question": qa["question"],
+               "answer": qa["answer"]} for i, d in enumerate(docs[: args.batch_size // per]) for qa in d.qa[:per]]
+    all_rows = teacher_rows_from_model(model, tok, items, topk=16)
+    rows, grouped_rows = all_rows[: len(docs)], all_rows[len(docs):]
     prefix, suffix = affixes(tok)
     batch_rows = rows[: args.batch_size]
     tb = build_batch(batch_rows, [r["context_ids"] for r in batch_rows], prefix, suffix, pad_id_of(tok))
+    tb_grouped = build_batch(grouped_rows, [r["context_ids"] for r in grouped_rows], prefix, suffix, pad_id_of(tok))
     hcfg = hyper.resolve(model)
     torch.manual_seed(0)
     net = HyperNetwork(hcfg).to(device)
@@ -146,7 +151,7 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     opt, _ = build_optimizer(net, cfg)
     encoder = ContextEncoder(model, tok, hcfg.layer_indices)
 
-    def hyper_step():
+    def hyper_step(tb=tb):
         with autocast():
             parts, _, _ = forward_loss(model, net, encoder, tb, "concat", 0.1)
         parts.loss.backward()
@@ -157,7 +162,7 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     dummy = torch.nn.Parameter(torch.ones((), device=device))
     emb = model.get_input_embeddings()
 
-    def bare_step():
+    def bare_step(tb=tb):
         handle = emb.register_forward_hook(lambda m, i, o: o * dummy)
         try:
             with autocast():
@@ -171,6 +176,9 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     t_hyper = timed(hyper_step, device, args.steps)
     t_bare = timed(bare_step, device, args.steps)
     phases = profile_phases(model, net, encoder, tb, opt, autocast, device, args.steps)
+    t_hyper_g = timed(lambda: hyper_step(tb_grouped), device, args.steps)
+    t_bare_g = timed(lambda: bare_step(tb_grouped), device, args.steps)
+    phases_g = profile_phases(model, net, encoder, tb_grouped, opt, autocast, device, args.steps)
     n = tb.n_samples
     # the loop itself (batch building and bookkeeping included), same rows, one chunk per context
     loop_cfg = TrainConfig(total_steps=args.steps + 2, warmup_steps=0, batch_size=args.batch_size, multi_chunk=False,
@@ -209,6 +217,9 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     }
     out["hypernet_vs_bare"] = out["hypernet_samples_per_s"] / out["bare_samples_per_s"]
     out["phases_ms"] = phases
+    out["grouped"] = {"rows_per_context": per, "contexts": len(tb_grouped.chunks), "rows": tb_grouped.n_samples,
+                      "hypernet_vs_bare": statistics.median(t_bare_g) / statistics.median(t_hyper_g),
+                      "phases_ms": phases_g, "bare_ms": 1e3 * statistics.median(t_bare_g)}
     out["bare_ms"] = 1e3 * statistics.median(t_bare)
     return out
 
@@ -257,6 +268,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny", "toy", "smollm2"], choices=["tiny", "toy", "smollm2"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="timed repeats of each training step")
+    ap.add_argument("--rows-per-context", type=int, default=4,
+                    help="the grouped batch (TrainConfig.rows_per_context): questions per document (default 4)")
     ap.add_argument("--repeats", type=int, default=10, help="timed repeats of adapter creation")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 1 on a machine with <= 2 cores, where more threads mostly "
@@ -293,6 +306,10 @@ def main() -> None:
             print(f"   train() loop           {r['loop_samples_per_s']:9.1f} samples/s")
             print("   one step, by phase     " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["phases_ms"].items())
                   + f" (bare student fwd+bwd {r['bare_ms']:.2f} ms)")
+            g = r["grouped"]
+            print(f"   grouped batch: {g['rows']} rows from {g['contexts']} contexts ({g['rows_per_context']} questions "
+                  f"each): hypernet step {g['hypernet_vs_bare']:.2f}x the bare student; by phase "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in g["phases_ms"].items()) + f" (bare {g['bare_ms']:.2f} ms)")
             print(f"   adapter, batch 1       {r['adapter_ms_1chunk']:9.2f} ms  ({r['doc_tokens']} tokens, 1 chunk)")
             print(f"                          {r['adapter_ms_4chunks']:9.2f} ms  ({r['long_doc_tokens']} tokens, {r['chunks_long_doc']} chunks, "
                   f"total rank {max(r['adapter_ranks_4chunks'])})")

@@ -74,6 +74,7 @@ class Profile:
     # L1 on the generated A and B (HyperConfig's default: 0.1). At 0.1 the penalty shrank the generated
     # update ~40x within 500 steps, before the context signal was learned
     l1_weight: float = 0.0
+    rows_per_context: int = 1  # TrainConfig.rows_per_context: questions of one document per batch, encoded once
     eval_docs: int = 128
     cd_docs: int = 32
     cd_steps: int = 300
@@ -201,7 +202,7 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
     tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr * prof.min_lr_ratio, warmup_steps=prof.warmup, total_steps=prof.steps,
                        batch_size=prof.batch_size, multi_chunk=prof.multi_chunk, eval_every=prof.eval_every,
                        eval_at_start=False, eval_batches=4, checkpoint_every=0, log_every=10, seed=0,
-                       l1_weight=prof.l1_weight, **({"chunk_dist": prof.chunk_dist} if prof.chunk_dist else {}))
+                       l1_weight=prof.l1_weight, rows_per_context=prof.rows_per_context, **({"chunk_dist": prof.chunk_dist} if prof.chunk_dist else {}))
     t0 = time.perf_counter()
     res = train(model, tok, hcfg, tcfg, train_rows, eval_rows, out_dir, resume=False, progress=progress,
                 on_metrics=lambda r: log(f"  step {r['step']}: eval KL {r['eval_kl']:.4f}, top-1 agreement "

@@ -160,8 +160,9 @@ def _batches(cfg: TrainConfig, tokenizer, train_rows: list, eval_rows: list):
     eval_ctx = [td.context_ids_of(r, tokenizer) for r in eval_rows]
     prefix, suffix = td.affixes(tokenizer)
     pad_id = td.pad_id_of(tokenizer)
+    groups = [td.context_key(r, c) for r, c in zip(train_rows, train_ctx)] if cfg.rows_per_context > 1 else None
     order = td.DataOrder([len(r["student_ids"]) for r in train_rows], cfg.batch_size, cfg.seed,
-                         cfg.bucket_by_length, cfg.bucket_batches, cfg.drop_last)
+                         cfg.bucket_by_length, cfg.bucket_batches, cfg.drop_last, groups, cfg.rows_per_context)
     counts, probs = cfg.chunk_probs()
 
     def micro_batch(m: int) -> td.TrainBatch:
