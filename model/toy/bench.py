@@ -94,6 +94,9 @@ SMOKE = Profile(toy_steps=60, toy={"batch_size": 16, "eval_docs": 8, "hidden_siz
                 long_docs=2, needle_factor=2, needle_depths=(0.0, 1.0), needle_docs=2, eval_every=0)
 
 
+from model.toy.bench_data import cached_data, make_data  # noqa: E402,F401  (the data half of the benchmark)
+
+
 def default_cache() -> Path:
     env = os.environ.get("D2L_MODEL_CACHE")
     return Path(env).expanduser() if env else REPO / "store" / "models"
@@ -127,67 +130,6 @@ def toy_model(cache: Path, prof: Profile, threads: int, log) -> tuple[Path, dict
     log(f"toy model: building into {folder} ({cfg.steps} steps max) ...")
     report = build_toy_model(folder, cfg, overwrite=folder.exists())
     return folder, {"built": True, "seconds": time.perf_counter() - t0, **report}
-
-
-def make_data(model, tok, world, prof: Profile, seed: int, log):
-    """(train rows, held-out eval contexts with their samples): toy documents split by doc_id hash, teacher
-    answers with top-k through the transformers generation backend."""
-    from model.text.chunking import wrap_as_user_turn
-    from model.evaluation.runner import EvalContext, EvalQuestion
-    from model.generation.base import SamplingConfig
-    from model.generation.hf import TransformersGenerator
-    from model.samples import sample_row
-    from model.text.turns import teacher_prompt
-    from model.toy.world import generate
-    from model.training.data import held_out_score, is_held_out, plain_tokens
-    from storage.hashing import sha256_text
-
-
-    docs, seen, extra = [], set(), []
-    for d in generate(prof.docs, seed=seed, cfg=world):
-        doc_id = sha256_text(d.text)[:32]
-        if doc_id not in seen:
-            seen.add(doc_id)
-            docs.append((doc_id, d))
-    for k, (ents, rels) in enumerate(prof.train_mix):  # shorter training documents (never evaluated on)
-        small = dataclasses.replace(world, entities_per_doc=ents, relations_per_entity=rels)
-        for d in generate(prof.docs, seed=seed + 1000 * (k + 1), cfg=small):
-            doc_id = sha256_text(d.text)[:32]
-            if doc_id not in seen and not is_held_out(doc_id, prof.held_out):
-                seen.add(doc_id)
-                extra.append((doc_id, d))
-    train_docs = [(i, d) for i, d in docs if not is_held_out(i, prof.held_out)] + extra
-    held = sorted([(i, d) for i, d in docs if is_held_out(i, prof.held_out)], key=lambda x: held_out_score(x[0]))
-    held = held[: prof.eval_docs]
-    items = [(i, d, j, qa) for i, d in train_docs + held for j, qa in enumerate(d.qa)]
-    prompts = [wrap_as_user_turn(tok, teacher_prompt(d.text, qa["question"])) for _, d, _, qa in items]
-    t0 = time.perf_counter()
-    gen = TransformersGenerator(model, tokenizer=tok, batch_size=128, name="toy")
-    outs = gen.generate(prompts, SamplingConfig(max_new_tokens=4, topk_logprobs=prof.topk))
-    rows: dict[str, dict[str, Any]] = {}
-    dropped = unfinished = 0
-    ctx_ids: dict[str, list[int]] = {}
-    for (doc_id, d, j, qa), out in zip(items, outs):
-        if not out.ok or not out.token_ids:
-            dropped += 1
-            continue
-        unfinished += not out.finished
-        student = wrap_as_user_turn(tok, qa["question"])
-        ctx = ctx_ids.setdefault(doc_id, plain_tokens(tok, d.text))
-        rows[f"{doc_id}-q{j}"] = sample_row(
-            sample_id=f"{doc_id}-q{j}", doc_id=doc_id, chunk_id=doc_id, student_prefix=student,
-            answer_ids=out.token_ids, topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, k=prof.topk,
-            context_ids=ctx, teacher_answer=out.text, finished=bool(out.finished))
-    log(f"teacher: {len(rows)} answers ({unfinished} unfinished kept, {dropped} failed dropped) in {time.perf_counter() - t0:.1f} s")
-    held_ids = {i for i, _ in held}
-    train_rows = [r for r in rows.values() if r["doc_id"] not in held_ids]
-    contexts = []
-    for doc_id, d in held:
-        qs = [EvalQuestion(f"{doc_id}-q{j}", qa["question"], qa["answer"], rows.get(f"{doc_id}-q{j}"))
-              for j, qa in enumerate(d.qa)]
-        contexts.append(EvalContext(doc_id, doc_id, d.text, qs))
-    return train_rows, contexts, {"docs": len(docs), "train_docs": len(train_docs), "held_out_docs": len(held),
-                                  "train_samples": len(train_rows), "unfinished": unfinished, "dropped": dropped}
 
 
 def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Path, log, progress: bool):
@@ -286,6 +228,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Profile]:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="document seed")
     ap.add_argument("--progress", action="store_true", help="progress bars")
+    ap.add_argument("--teacher-cache", type=Path, default=None, help="reuse the teacher's answers from this folder "
+                    "(written there on the first run with the same data settings)")
     for f in dataclasses.fields(Profile):  # every scalar size can be overridden: --steps 3000 --cd-docs 16 ...
         if f.type in ("int", "float", "bool", "int | None", "str"):
             kind = {"float": float, "str": str,
@@ -339,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{ev.get('exact_match_with_doc')}, without {ev.get('exact_match_without_doc')}")
 
     t0 = time.perf_counter()
-    train_rows, contexts, data_stats = make_data(base, tok, world, prof, args.seed, log)
+    train_rows, contexts, data_stats = cached_data(base, tok, world, prof, args.seed, folder, args.teacher_cache, log)
     data_seconds = time.perf_counter() - t0
     eval_rows = [q.sample for c in contexts for q in c.questions if q.sample is not None][:256]
     net, train_stats = train_hypernet(base, tok, train_rows, eval_rows, prof, out / "hypernet", log, args.progress)
