@@ -1,6 +1,7 @@
 """Hypernetwork training throughput vs a bare student forward+backward, and adapter creation time.
 
-For each base model (a tiny random Llama with a small BPE tokenizer; SmolLM2-135M-Instruct when a copy is
+For each base model (a tiny random Llama with a small BPE tokenizer; the built-in toy model with the toy
+benchmark's hypernetwork (model/toy/bench.py); SmolLM2-135M-Instruct when a copy is
 found under store/models/, the doc2lora model cache, or /tmp), measured in one run on one fixed batch:
 
 - ``bare``: the student alone (question prompt + answer, no adapter) forward + backward; a dummy scalar
@@ -9,6 +10,8 @@ found under store/models/, the doc2lora model cache, or /tmp), measured in one r
 - ``hypernet``: one training micro-batch as ``model/training/loop.py`` runs it: encode the contexts with the
   frozen base model, generate the LoRAs, student forward with the adapters, loss, backward into the
   hypernetwork, clipping, AdamW step;
+- ``phases``: the same micro-batch split into encode / hypernetwork forward / student forward + loss /
+  backward / optimizer, each timed on its own (median ms);
 - ``loop``: samples/s reported by ``train()`` itself (batch building and logging included), median over
   its steps after the first two;
 - ``adapter``: ``internalize()`` of one document (batch 1), one chunk, and the same document repeated 4x
@@ -82,6 +85,22 @@ def tiny_base(tmp: Path):
     return model, tok, hyper
 
 
+def toy_base(tmp: Path):
+    """The built-in toy model (LFM2, 2 layers, d=128) with the toy benchmark's hypernetwork shape."""
+    from transformers import AutoModelForCausalLM
+
+    from model.base_models import load_tokenizer, resolve_base_model
+    from model.toy.bench import FULL, default_cache
+
+    folder = resolve_base_model("toy", default_cache())
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    hyper = HyperConfig(target_modules=list(FULL.targets), rank=FULL.rank, latent_dim=FULL.latent_dim,
+                        latent_count=FULL.latent_count, depth=FULL.depth, heads=FULL.heads, mlp_ratio=2,
+                        rank_slots=FULL.rank_slots, scale_b_init=FULL.scale_b_init, alpha=FULL.alpha or None,
+                        feature_positions=FULL.feature_positions)
+    return model, load_tokenizer(folder), hyper
+
+
 def smol_base(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,10 +135,15 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     docs = generate(max(args.batch_size, 16), seed=11)
     items = [{"doc_id": f"d{i}", "context": d.text, "question": d.qa[0]["question"], "answer": d.qa[0]["answer"]}
              for i, d in enumerate(docs)]
-    rows = teacher_rows_from_model(model, tok, items, topk=16)
+    per = max(1, args.rows_per_context)  # the grouped batch: `per` questions of each of batch / per documents
+    items += [{"doc_id": f"g{i}", "chunk_id": f"g{i}", "context": d.text, "question": qa["question"],
+               "answer": qa["answer"]} for i, d in enumerate(docs[: args.batch_size // per]) for qa in d.qa[:per]]
+    all_rows = teacher_rows_from_model(model, tok, items, topk=16)
+    rows, grouped_rows = all_rows[: len(docs)], all_rows[len(docs):]
     prefix, suffix = affixes(tok)
     batch_rows = rows[: args.batch_size]
     tb = build_batch(batch_rows, [r["context_ids"] for r in batch_rows], prefix, suffix, pad_id_of(tok))
+    tb_grouped = build_batch(grouped_rows, [r["context_ids"] for r in grouped_rows], prefix, suffix, pad_id_of(tok))
     hcfg = hyper.resolve(model)
     torch.manual_seed(0)
     net = HyperNetwork(hcfg).to(device)
@@ -127,7 +151,7 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     opt, _ = build_optimizer(net, cfg)
     encoder = ContextEncoder(model, tok, hcfg.layer_indices)
 
-    def hyper_step():
+    def hyper_step(tb=tb):
         with autocast():
             parts, _, _ = forward_loss(model, net, encoder, tb, "concat", 0.1)
         parts.loss.backward()
@@ -138,7 +162,7 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     dummy = torch.nn.Parameter(torch.ones((), device=device))
     emb = model.get_input_embeddings()
 
-    def bare_step():
+    def bare_step(tb=tb):
         handle = emb.register_forward_hook(lambda m, i, o: o * dummy)
         try:
             with autocast():
@@ -151,6 +175,10 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
 
     t_hyper = timed(hyper_step, device, args.steps)
     t_bare = timed(bare_step, device, args.steps)
+    phases = profile_phases(model, net, encoder, tb, opt, autocast, device, args.steps)
+    t_hyper_g = timed(lambda: hyper_step(tb_grouped), device, args.steps)
+    t_bare_g = timed(lambda: bare_step(tb_grouped), device, args.steps)
+    phases_g = profile_phases(model, net, encoder, tb_grouped, opt, autocast, device, args.steps)
     n = tb.n_samples
     # the loop itself (batch building and bookkeeping included), same rows, one chunk per context
     loop_cfg = TrainConfig(total_steps=args.steps + 2, warmup_steps=0, batch_size=args.batch_size, multi_chunk=False,
@@ -188,14 +216,60 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
         "chunks_long_doc": max(ranks) // hcfg.rank - 1,
     }
     out["hypernet_vs_bare"] = out["hypernet_samples_per_s"] / out["bare_samples_per_s"]
+    out["phases_ms"] = phases
+    out["grouped"] = {"rows_per_context": per, "contexts": len(tb_grouped.chunks), "rows": tb_grouped.n_samples,
+                      "hypernet_vs_bare": statistics.median(t_bare_g) / statistics.median(t_hyper_g),
+                      "phases_ms": phases_g, "bare_ms": 1e3 * statistics.median(t_bare_g)}
+    out["bare_ms"] = 1e3 * statistics.median(t_bare)
     return out
+
+
+def profile_phases(model, net, encoder, tb, opt, autocast, device, repeats: int) -> dict[str, float]:
+    """Median ms of each phase of one training micro-batch, run in order: encode (frozen, no grad), the
+    hypernetwork's forward and the chunk merge, the student forward with the adapters + loss, backward,
+    clipping + AdamW."""
+    from model.hypernet.lora import apply_adapter, merge_chunks
+
+    times: dict[str, list[float]] = {k: [] for k in ("encode", "hypernet_fwd", "student_fwd", "backward", "optimizer")}
+
+    def mark(name, t0):
+        sync(device)
+        t = time.perf_counter()
+        times[name].append(t - t0)
+        return t
+
+    for i in range(repeats + 2):
+        sync(device)
+        t = time.perf_counter()
+        with autocast():
+            feats, mask = encoder.encode_ids(tb.chunks)
+            t = mark("encode", t)
+            generated = net(feats, mask)
+            merged = merge_chunks(generated, tb.chunks_per_context, "concat", bias=net.bias_adapter(1))
+            t = mark("hypernet_fwd", t)
+            with apply_adapter(model, merged, sample_index=tb.row_context):
+                logits, scored = student_logits(model, tb.batch, compact=True)
+            loss = distill_loss(logits, scored, generated, 0.1).loss
+        t = mark("student_fwd", t)
+        loss.backward()
+        t = mark("backward", t)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark("optimizer", t)
+        if i < 2:  # warm-up rounds
+            for v in times.values():
+                v.pop()
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "toy", "smollm2"], choices=["tiny", "toy", "smollm2"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="timed repeats of each training step")
+    ap.add_argument("--rows-per-context", type=int, default=4,
+                    help="the grouped batch (TrainConfig.rows_per_context): questions per document (default 4)")
     ap.add_argument("--repeats", type=int, default=10, help="timed repeats of adapter creation")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 1 on a machine with <= 2 cores, where more threads mostly "
@@ -213,6 +287,8 @@ def main() -> None:
         for name in args.models:
             if name == "tiny":
                 model, tok, hyper = tiny_base(tmp)
+            elif name == "toy":
+                model, tok, hyper = toy_base(tmp)
             else:
                 folder = smollm2_dir()
                 if folder is None:
@@ -228,6 +304,12 @@ def main() -> None:
             print(f"   hypernet train step    {r['hypernet_samples_per_s']:9.1f} samples/s "
                   f"({r['hypernet_vs_bare']:.2f}x the bare student)")
             print(f"   train() loop           {r['loop_samples_per_s']:9.1f} samples/s")
+            print("   one step, by phase     " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["phases_ms"].items())
+                  + f" (bare student fwd+bwd {r['bare_ms']:.2f} ms)")
+            g = r["grouped"]
+            print(f"   grouped batch: {g['rows']} rows from {g['contexts']} contexts ({g['rows_per_context']} questions "
+                  f"each): hypernet step {g['hypernet_vs_bare']:.2f}x the bare student; by phase "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in g["phases_ms"].items()) + f" (bare {g['bare_ms']:.2f} ms)")
             print(f"   adapter, batch 1       {r['adapter_ms_1chunk']:9.2f} ms  ({r['doc_tokens']} tokens, 1 chunk)")
             print(f"                          {r['adapter_ms_4chunks']:9.2f} ms  ({r['long_doc_tokens']} tokens, {r['chunks_long_doc']} chunks, "
                   f"total rank {max(r['adapter_ranks_4chunks'])})")

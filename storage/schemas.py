@@ -69,6 +69,7 @@ SAMPLES = pa.schema(
         ("topk", pa.int16()),
         ("topk_ids", pa.list_(pa.int32())),  # flattened [n_answer_tokens * topk]
         ("topk_logprobs", pa.list_(pa.float16())),  # flattened [n_answer_tokens * topk]
+        ("finished", pa.bool_()),  # false: the answer reached max_new_tokens (kept; null in older shards = true)
     ]
 )
 

@@ -2,7 +2,8 @@
 
 The base model answers each question with the chunk in its prompt (greedy). For every answer token the
 top-k token ids and log-probs are kept, with the student's input: the chat template with the question only,
-then the answer. Answers that hit the token limit before finishing are dropped and counted.
+then the answer. Answers that hit the token limit before finishing are kept with ``finished = false`` (their
+tokens are valid distillation targets; training can leave them out, ``TrainConfig.use_unfinished``) and counted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tasks.common import entries_to_dicts
 from tasks.generation import BackendConfig, get_generator
 from tasks.synthesize import tokenizer_for
 
-TEACHER_VERSION = "1"
+TEACHER_VERSION = "2"  # 2: unfinished answers are kept (finished=false), no longer rejected
 
 
 class TeacherConfig(BaseModel):
@@ -33,7 +34,7 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     topk: int = Field(16, ge=1, le=64, description="Top log-probs kept per answer token (vLLM serves <= 20).")
-    max_new_tokens: int = Field(96, ge=1, description="Longer answers are dropped as unfinished.")
+    max_new_tokens: int = Field(96, ge=1, description="Longer answers are cut here and kept with finished=false.")
     generator: BackendConfig = Field(default_factory=BackendConfig)
 
 
@@ -43,10 +44,10 @@ def teacher_key(questions_key: str, chunks_key: str, teacher_id: str, cfg: Teach
 
 
 def teacher_sample(q: dict, teacher_id: str, student_prefix: list[int], out: Any, k: int) -> dict:
-    """One `samples` row from a finished generation."""
+    """One `samples` row from a generation (finished, or cut at max_new_tokens: `finished` says which)."""
     return sample_row(sample_id=sha256_text(f"{q['question_id']}|{teacher_id}")[:32], doc_id=q["doc_id"],
                       chunk_id=q["chunk_id"], student_prefix=student_prefix, answer_ids=out.token_ids,
-                      topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, k=k,
+                      topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, k=k, finished=bool(out.finished),
                       question_id=q["question_id"], teacher=teacher_id, answer=out.text)
 
 
@@ -67,8 +68,6 @@ def teacher_unit(store_root: str, questions_path: str, chunks_path: str, model_d
         for q, out in zip(questions, gen.generate(prompts, sampling, progress=progress)):
             if not out.ok:
                 reason, detail = "generation_failed", out.error
-            elif not out.finished:
-                reason, detail = "unfinished", f"no end of answer within {cfg.max_new_tokens} tokens"
             elif not out.token_ids or out.topk_ids is None:
                 reason, detail = "empty_answer", "the teacher produced no tokens"
             else:
@@ -81,4 +80,4 @@ def teacher_unit(store_root: str, questions_path: str, chunks_path: str, model_d
     n_tokens = sum(r["n_answer_tokens"] for r in rows)
     return {"entries": entries_to_dicts(entries),
             "stats": {"questions": len(questions), "samples": len(rows), "answer_tokens": n_tokens,
-                      "unfinished": sum(r["reason"] == "unfinished" for r in rejects), "rejects": len(rejects)}}
+                      "unfinished": sum(not r["finished"] for r in rows), "rejects": len(rejects)}}

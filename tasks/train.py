@@ -68,8 +68,8 @@ def read_training_rows(store_root: str, max_samples: int | None = None, refresh:
     limit = f"LIMIT {int(max_samples)}" if max_samples else ""
     with cat.read() as con:
         table = con.sql(
-            "SELECT s.sample_id, s.question_id, s.chunk_id, s.doc_id, s.student_ids, s.answer_start, "
-            "s.n_answer_tokens, s.topk, s.topk_ids, s.topk_logprobs, c.text AS context_text "
+            # s.*: `finished` is absent from stores written before the column (read as finished)
+            "SELECT s.* EXCLUDE (teacher, answer), c.text AS context_text "
             f"FROM samples s JOIN chunks c USING (chunk_id) ORDER BY s.sample_id {limit}").to_arrow_table()
     return table.to_pylist()
 

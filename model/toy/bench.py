@@ -64,6 +64,8 @@ class Profile:
     feature_positions: str = "none"  # HyperConfig.feature_positions
     rank_slots: bool = True  # HyperConfig.rank_slots (the reference's decoder did not learn 4+ facts here)
     scale_b_init: float = 0.1  # HyperConfig.scale_b_init (0: the reference's exactly-zero start)
+    alpha: float = 0.0  # HyperConfig.alpha, the direct scale on B @ A; 0: its default 2 * rank ** 1.5
+    min_lr_ratio: float = 0.05  # the cosine's floor as a fraction of lr (1: constant after the warmup)
     # extra training documents with fewer facts, (entities, relations per entity) each, prof.docs of every
     # kind; evaluation stays on the world's own documents. () = none
     train_mix: tuple[tuple[int, int], ...] = ()
@@ -72,6 +74,7 @@ class Profile:
     # L1 on the generated A and B (HyperConfig's default: 0.1). At 0.1 the penalty shrank the generated
     # update ~40x within 500 steps, before the context signal was learned
     l1_weight: float = 0.0
+    rows_per_context: int = 1  # TrainConfig.rows_per_context: questions of one document per batch, encoded once
     eval_docs: int = 128
     cd_docs: int = 32
     cd_steps: int = 300
@@ -89,6 +92,9 @@ SMOKE = Profile(toy_steps=60, toy={"batch_size": 16, "eval_docs": 8, "hidden_siz
                 docs=240, held_out=0.1, steps=30, warmup=5, batch_size=16,
                 latent_dim=32, latent_count=8, heads=2, depth=1, eval_docs=6, cd_docs=2, cd_steps=20, long_factors=(1, 2),
                 long_docs=2, needle_factor=2, needle_depths=(0.0, 1.0), needle_docs=2, eval_every=0)
+
+
+from model.toy.bench_data import cached_data, make_data  # noqa: E402,F401  (the data half of the benchmark)
 
 
 def default_cache() -> Path:
@@ -126,66 +132,6 @@ def toy_model(cache: Path, prof: Profile, threads: int, log) -> tuple[Path, dict
     return folder, {"built": True, "seconds": time.perf_counter() - t0, **report}
 
 
-def make_data(model, tok, world, prof: Profile, seed: int, log):
-    """(train rows, held-out eval contexts with their samples): toy documents split by doc_id hash, teacher
-    answers with top-k through the transformers generation backend."""
-    from model.text.chunking import wrap_as_user_turn
-    from model.evaluation.runner import EvalContext, EvalQuestion
-    from model.generation.base import SamplingConfig
-    from model.generation.hf import TransformersGenerator
-    from model.samples import sample_row
-    from model.text.turns import teacher_prompt
-    from model.toy.world import generate
-    from model.training.data import held_out_score, is_held_out, plain_tokens
-    from storage.hashing import sha256_text
-
-
-    docs, seen, extra = [], set(), []
-    for d in generate(prof.docs, seed=seed, cfg=world):
-        doc_id = sha256_text(d.text)[:32]
-        if doc_id not in seen:
-            seen.add(doc_id)
-            docs.append((doc_id, d))
-    for k, (ents, rels) in enumerate(prof.train_mix):  # shorter training documents (never evaluated on)
-        small = dataclasses.replace(world, entities_per_doc=ents, relations_per_entity=rels)
-        for d in generate(prof.docs, seed=seed + 1000 * (k + 1), cfg=small):
-            doc_id = sha256_text(d.text)[:32]
-            if doc_id not in seen and not is_held_out(doc_id, prof.held_out):
-                seen.add(doc_id)
-                extra.append((doc_id, d))
-    train_docs = [(i, d) for i, d in docs if not is_held_out(i, prof.held_out)] + extra
-    held = sorted([(i, d) for i, d in docs if is_held_out(i, prof.held_out)], key=lambda x: held_out_score(x[0]))
-    held = held[: prof.eval_docs]
-    items = [(i, d, j, qa) for i, d in train_docs + held for j, qa in enumerate(d.qa)]
-    prompts = [wrap_as_user_turn(tok, teacher_prompt(d.text, qa["question"])) for _, d, _, qa in items]
-    t0 = time.perf_counter()
-    gen = TransformersGenerator(model, tokenizer=tok, batch_size=128, name="toy")
-    outs = gen.generate(prompts, SamplingConfig(max_new_tokens=4, topk_logprobs=prof.topk))
-    rows: dict[str, dict[str, Any]] = {}
-    dropped = 0
-    ctx_ids: dict[str, list[int]] = {}
-    for (doc_id, d, j, qa), out in zip(items, outs):
-        if not out.ok or not out.finished or not out.token_ids:
-            dropped += 1
-            continue
-        student = wrap_as_user_turn(tok, qa["question"])
-        ctx = ctx_ids.setdefault(doc_id, plain_tokens(tok, d.text))
-        rows[f"{doc_id}-q{j}"] = sample_row(
-            sample_id=f"{doc_id}-q{j}", doc_id=doc_id, chunk_id=doc_id, student_prefix=student,
-            answer_ids=out.token_ids, topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, k=prof.topk,
-            context_ids=ctx, teacher_answer=out.text)
-    log(f"teacher: {len(rows)} answers ({dropped} unfinished dropped) in {time.perf_counter() - t0:.1f} s")
-    held_ids = {i for i, _ in held}
-    train_rows = [r for r in rows.values() if r["doc_id"] not in held_ids]
-    contexts = []
-    for doc_id, d in held:
-        qs = [EvalQuestion(f"{doc_id}-q{j}", qa["question"], qa["answer"], rows.get(f"{doc_id}-q{j}"))
-              for j, qa in enumerate(d.qa)]
-        contexts.append(EvalContext(doc_id, doc_id, d.text, qs))
-    return train_rows, contexts, {"docs": len(docs), "train_docs": len(train_docs), "held_out_docs": len(held),
-                                  "train_samples": len(train_rows), "unfinished": dropped}
-
-
 def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Path, log, progress: bool):
     from model.hypernet.config import HyperConfig
     from model.training.config import TrainConfig
@@ -194,11 +140,11 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
     hcfg = HyperConfig(target_modules=list(prof.targets), rank=prof.rank, latent_dim=prof.latent_dim,
                        latent_count=prof.latent_count, depth=prof.depth, heads=prof.heads, mlp_ratio=2,
                        feature_positions=prof.feature_positions, rank_slots=prof.rank_slots,
-                       scale_b_init=prof.scale_b_init)
-    tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr / 20, warmup_steps=prof.warmup, total_steps=prof.steps,
+                       scale_b_init=prof.scale_b_init, alpha=prof.alpha or None)
+    tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr * prof.min_lr_ratio, warmup_steps=prof.warmup, total_steps=prof.steps,
                        batch_size=prof.batch_size, multi_chunk=prof.multi_chunk, eval_every=prof.eval_every,
                        eval_at_start=False, eval_batches=4, checkpoint_every=0, log_every=10, seed=0,
-                       l1_weight=prof.l1_weight, **({"chunk_dist": prof.chunk_dist} if prof.chunk_dist else {}))
+                       l1_weight=prof.l1_weight, rows_per_context=prof.rows_per_context, **({"chunk_dist": prof.chunk_dist} if prof.chunk_dist else {}))
     t0 = time.perf_counter()
     res = train(model, tok, hcfg, tcfg, train_rows, eval_rows, out_dir, resume=False, progress=progress,
                 on_metrics=lambda r: log(f"  step {r['step']}: eval KL {r['eval_kl']:.4f}, top-1 agreement "
@@ -286,6 +232,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Profile]:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="document seed")
     ap.add_argument("--progress", action="store_true", help="progress bars")
+    ap.add_argument("--teacher-cache", type=Path, default=None, help="reuse the teacher's answers from this folder "
+                    "(written there on the first run with the same data settings)")
     for f in dataclasses.fields(Profile):  # every scalar size can be overridden: --steps 3000 --cd-docs 16 ...
         if f.type in ("int", "float", "bool", "int | None", "str"):
             kind = {"float": float, "str": str,
@@ -339,21 +287,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{ev.get('exact_match_with_doc')}, without {ev.get('exact_match_without_doc')}")
 
     t0 = time.perf_counter()
-    train_rows, contexts, data_stats = make_data(base, tok, world, prof, args.seed, log)
+    train_rows, contexts, data_stats = cached_data(base, tok, world, prof, args.seed, folder, args.teacher_cache, log)
     data_seconds = time.perf_counter() - t0
     eval_rows = [q.sample for c in contexts for q in c.questions if q.sample is not None][:256]
     net, train_stats = train_hypernet(base, tok, train_rows, eval_rows, prof, out / "hypernet", log, args.progress)
 
     t0 = time.perf_counter()
-    settings = EvalSettings(max_new_tokens=4, batch_size=64, cd_steps=prof.cd_steps, cd_lr=prof.cd_lr,
+    methods = ("teacher", "no_doc", "d2l") + (("cd",) if prof.cd_docs else ())  # --cd-docs 0: no CD
+    settings = EvalSettings(methods=methods, max_new_tokens=4, batch_size=64, cd_steps=prof.cd_steps, cd_lr=prof.cd_lr,
                             cd_max_docs=prof.cd_docs, cd_train_fraction=0.5)
     res = evaluate_contexts(base, tok, net, contexts, settings, run_id="bench-toy", progress=args.progress)
     log(f"evaluation: {len(res.rows)} rows in {time.perf_counter() - t0:.0f} s ({json.dumps({k: round(v, 2) for k, v in res.timings.items()})})")
     t0 = time.perf_counter()
-    long_rows = evaluate_long(base, tok, net, world, prof.long_factors, prof.long_docs, run_id="bench-toy", batch_size=64)
+    long_rows = evaluate_long(base, tok, net, world, prof.long_factors, prof.long_docs, run_id="bench-toy",
+                              batch_size=64) if prof.long_docs else []  # --long-docs 0 / --needle-docs 0: skipped
     long_rows += needle_test(base, tok, net, world, prof.needle_factor, prof.needle_depths, prof.needle_docs,
-                             run_id="bench-toy", batch_size=64)
-    long = long_summary(long_rows)
+                             run_id="bench-toy", batch_size=64) if prof.needle_docs else []
+    long = long_summary(long_rows) if long_rows else None
     log(f"long documents and needle: {len(long_rows)} rows in {time.perf_counter() - t0:.0f} s")
 
     from model.evaluation.report import write_report

@@ -52,10 +52,16 @@ class TrainConfig:
     seed: int = 0  # hypernetwork init, data order, chunk draws: all pure functions of the seed
     bucket_by_length: bool = True  # batches of similar student length
     bucket_batches: int = 16  # sort window, in batches: rows are sorted by length within windows of this many
+    # > 1: each micro-batch holds this many questions of each of batch_size / rows_per_context contexts; a
+    # context is encoded and its LoRA generated once for all its rows (the cheaper step; no length bucketing)
+    rows_per_context: int = 1
     drop_last: bool = False
     multi_chunk: bool = True
     chunk_dist: dict[int, float] = field(default_factory=default_chunk_dist)
     min_piece_tokens: int = 1  # a context shorter than n * this is split into fewer pieces
+    # teacher answers cut at max_new_tokens (samples.finished = false): their tokens are valid targets.
+    # False: train on finished answers only (held-out rows are scored either way)
+    use_unfinished: bool = True
     # -- loss
     l1_weight: float | None = None  # None: HyperConfig.l1_weight
     merge: str | None = None  # "concat" | "mean"; None: HyperConfig.merge
@@ -89,14 +95,16 @@ class TrainConfig:
             raise ValueError(f"chunk_dist must map chunk counts >= 1 to probabilities >= 0: {self.chunk_dist}")
         if sum(self.chunk_dist.values()) <= 0:
             raise ValueError("chunk_dist has no mass")
+        if self.rows_per_context < 1:
+            raise ValueError(f"rows_per_context must be >= 1, got {self.rows_per_context}")
         if self.keep_last < 1:
             raise ValueError("keep_last must be >= 1")
 
     # settings that change the result of training (a resume must not change them)
     RESULT_FIELDS = (
         "lr", "min_lr", "warmup_steps", "total_steps", "weight_decay", "betas", "eps", "batch_size",
-        "grad_accum", "max_grad_norm", "seed", "bucket_by_length", "bucket_batches", "drop_last",
-        "multi_chunk", "chunk_dist", "min_piece_tokens", "l1_weight", "merge", "renormalise", "bf16",
+        "grad_accum", "max_grad_norm", "seed", "bucket_by_length", "bucket_batches", "rows_per_context", "drop_last",
+        "multi_chunk", "chunk_dist", "min_piece_tokens", "use_unfinished", "l1_weight", "merge", "renormalise", "bf16",
     )
 
     def result_dict(self) -> dict[str, Any]:

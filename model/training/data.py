@@ -125,8 +125,13 @@ def epoch_batches(
     bucket_batches: int = 16,
     drop_last: bool = False,
     stream: int = STREAM_TRAIN,
+    groups: Sequence[Any] | None = None,
+    rows_per_context: int = 1,
 ) -> list[list[int]]:
     """Row indices of each batch of one epoch: a pure function of the arguments.
+
+    ``rows_per_context`` > 1 (with ``groups``, each row's context key): a batch holds ``rows_per_context``
+    rows of each of ``batch_size / rows_per_context`` contexts, which are encoded once (``grouped_batches``).
 
     Shuffle the rows; cut the permutation into windows of ``batch_size * bucket_batches`` rows; sort each
     window by length (stable) and cut it into batches; shuffle the batches. Similar lengths share a batch
@@ -136,6 +141,8 @@ def epoch_batches(
     if n == 0:
         return []
     rng = np.random.default_rng([int(seed), int(stream), int(epoch)])
+    if rows_per_context > 1 and groups is not None:
+        return grouped_batches(groups, batch_size, rows_per_context, rng, drop_last)
     perm = rng.permutation(n)
     lens = np.asarray(lengths)
     batches: list[list[int]] = []
@@ -152,14 +159,37 @@ def epoch_batches(
     return [batches[i] for i in order]
 
 
+def grouped_batches(groups: Sequence[Any], batch_size: int, rows_per_context: int, rng, drop_last: bool = False
+                    ) -> list[list[int]]:
+    """Batches of whole units: each unit is up to `rows_per_context` shuffled rows of one context; units
+    are shuffled and packed into batches of `batch_size` rows (no length bucketing)."""
+    by_ctx: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_ctx.setdefault(g, []).append(i)
+    units = []
+    for rows in by_ctx.values():
+        rows = [rows[j] for j in rng.permutation(len(rows))]
+        units += [rows[j : j + rows_per_context] for j in range(0, len(rows), rows_per_context)]
+    batches: list[list[int]] = [[]]
+    for u in rng.permutation(len(units)):
+        if len(batches[-1]) + len(units[u]) > batch_size and batches[-1]:
+            batches.append([])
+        batches[-1] += units[u]
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
 class DataOrder:
     """Micro-batch ``m`` (0-based, over all epochs) -> (epoch, row indices). Stateless apart from a cache."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket_by_length: bool = True,
-                 bucket_batches: int = 16, drop_last: bool = False):
+                 bucket_batches: int = 16, drop_last: bool = False, groups: Sequence[Any] | None = None,
+                 rows_per_context: int = 1):
         self.lengths = list(lengths)
         self.kw = dict(batch_size=batch_size, seed=seed, bucket_by_length=bucket_by_length,
-                       bucket_batches=bucket_batches, drop_last=drop_last)
+                       bucket_batches=bucket_batches, drop_last=drop_last, groups=groups,
+                       rows_per_context=rows_per_context)
         self.batches_per_epoch = len(epoch_batches(self.lengths, epoch=0, **self.kw))
         if self.batches_per_epoch == 0:
             raise ValueError("no training rows")

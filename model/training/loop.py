@@ -160,8 +160,9 @@ def _batches(cfg: TrainConfig, tokenizer, train_rows: list, eval_rows: list):
     eval_ctx = [td.context_ids_of(r, tokenizer) for r in eval_rows]
     prefix, suffix = td.affixes(tokenizer)
     pad_id = td.pad_id_of(tokenizer)
+    groups = [td.context_key(r, c) for r, c in zip(train_rows, train_ctx)] if cfg.rows_per_context > 1 else None
     order = td.DataOrder([len(r["student_ids"]) for r in train_rows], cfg.batch_size, cfg.seed,
-                         cfg.bucket_by_length, cfg.bucket_batches, cfg.drop_last)
+                         cfg.bucket_by_length, cfg.bucket_batches, cfg.drop_last, groups, cfg.rows_per_context)
     counts, probs = cfg.chunk_probs()
 
     def micro_batch(m: int) -> td.TrainBatch:
@@ -193,8 +194,10 @@ def prepare(base_model: nn.Module, tokenizer, hyper_cfg: HyperConfig | Mapping[s
     hcfg = hcfg.resolve(base_model)
     device = next(base_model.parameters()).device
     train_rows, eval_rows = list(train_rows), list(eval_rows or [])
+    if not cfg.use_unfinished:  # a missing `finished` (rows from before the column) means finished
+        train_rows = [r for r in train_rows if r.get("finished") is not False]
     if not train_rows:
-        raise ValueError("no training rows")
+        raise ValueError("no training rows" + ("" if cfg.use_unfinished else " with a finished answer"))
     dist.check_same((rows_digest(train_rows), rows_digest(eval_rows)), "the training rows")
     order, micro_batch, eval_tbs = _batches(cfg, tokenizer, train_rows, eval_rows)
     with torch.random.fork_rng(devices=[]):
@@ -352,4 +355,10 @@ def train(
     dist.barrier()  # rank 0's last checkpoint is complete before anyone looks for it
     return {"step": cfg.total_steps, "total_steps": cfg.total_steps, "checkpoint": latest_checkpoint(out_dir),
             "history": run.history, "final_eval": final_eval, "resumed_from": resumed_from, "hypernet": run.net,
-            "out_dir": run.out_dir, "compact_logits": run.compact}
+            "out_dir": run.out_dir, "compact_logits": run.compact, "unfinished_rows": _unfinished(train_rows, cfg)}
+
+
+def _unfinished(rows: Sequence[Mapping[str, Any]], cfg: TrainConfig) -> dict[str, int]:
+    """How many training rows were cut at the teacher's token limit, and how many of them were trained on."""
+    n = sum(r.get("finished") is False for r in rows)
+    return {"rows": n, "used": n if cfg.use_unfinished else 0}
