@@ -57,9 +57,12 @@ class FileLock:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": " ".join(sys.argv)[:300],
         }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+        except OSError:  # a full disk: the holder's note is informational, the lock itself is held
+            pass
         return self
 
     def release(self) -> None:
