@@ -92,9 +92,12 @@ class Catalog:
         """A read-write connection inside one transaction, under the catalog's file lock; after the commit
         the read replica is republished (at once when `publish`, else at most every REPLICA_INTERVAL s)."""
         with self._locked():
+            new = not self.path.exists()
             con = connect(self.path, wait=self.lock_timeout or 0.0)
             try:
                 con.execute(_DDL)
+                if new:  # a new catalog has its (empty) views from its first commit: readers never miss them
+                    self._create_views(con)
                 con.execute("BEGIN TRANSACTION")
                 try:
                     yield con
@@ -263,19 +266,22 @@ class Catalog:
     def refresh_views(self) -> None:
         """(Re)create one view per table over exactly the shards the manifest lists."""
         with self.write(publish=True) as con:
-            for table in TABLES:
-                paths = [str(self._schema_file(table))] + [
-                    r[0] for r in con.execute(
-                        "SELECT path FROM manifest WHERE table_name = ? ORDER BY path", [table]).fetchall()
-                ]
-                files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
-                src = f"read_parquet({files}, union_by_name = true)"
-                pk = PRIMARY_KEYS.get(table)
-                if pk:
-                    order = FIRST_BY.get(table, pk)
-                    src = (f"(SELECT * EXCLUDE (_rn) FROM (SELECT *, row_number() OVER "
-                           f"(PARTITION BY {pk} ORDER BY {order}) AS _rn FROM {src}) WHERE _rn = 1)")
-                con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {src}")
+            self._create_views(con)
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        for table in TABLES:
+            paths = [str(self._schema_file(table))] + [
+                r[0] for r in con.execute(
+                    "SELECT path FROM manifest WHERE table_name = ? ORDER BY path", [table]).fetchall()
+            ]
+            files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+            src = f"read_parquet({files}, union_by_name = true)"
+            pk = PRIMARY_KEYS.get(table)
+            if pk:
+                order = FIRST_BY.get(table, pk)
+                src = (f"(SELECT * EXCLUDE (_rn) FROM (SELECT *, row_number() OVER "
+                       f"(PARTITION BY {pk} ORDER BY {order}) AS _rn FROM {src}) WHERE _rn = 1)")
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {src}")
 
     def verify(self, checksums: bool = True) -> list[ShardEntry]:
         """Manifest entries whose file is missing or altered."""
