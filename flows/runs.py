@@ -37,12 +37,16 @@ def _flat(stats: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def _store_events(store: Store, stats: dict[str, Any]) -> None:
-    """Name the shards this stage found damaged (and redid), and the dead runs it marked crashed."""
-    if store.damaged:
-        stats["redone_shards"] = sorted(set(store.damaged))
-        get_run_logger().warning("%d damaged shard(s) redone: %s", len(stats["redone_shards"]),
-                                 ", ".join(stats["redone_shards"][:20]))
+def _watch_store(store: Store, stats: dict[str, Any]) -> None:
+    """Name in the stats, as they happen, the shards this stage finds damaged (and redoes), and the dead runs
+    marked crashed when it took the store's lock."""
+    def damaged(path: str) -> None:
+        listed = stats.setdefault("redone_shards", [])
+        if path not in listed:
+            listed.append(path)
+            get_run_logger().warning("damaged shard redone: %s", path)
+
+    store.on_damaged = damaged
     if store.crashed_runs:
         stats["crashed_runs_marked"] = store.crashed_runs
 
@@ -56,14 +60,13 @@ def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, d
     t0 = time.monotonic()
     with store.writing(run_owner()):
         store.catalog.start_run(run_id, flow, config.model_dump(mode="json"))
+        _watch_store(store, stats)
         try:
             yield store, run_id, stats
         except BaseException:
-            _store_events(store, stats)
             stats["seconds"] = round(time.monotonic() - t0, 2)
             store.catalog.finish_run(run_id, "failed", stats)
             raise
-        _store_events(store, stats)
         stats["seconds"] = round(time.monotonic() - t0, 2)
         store.catalog.finish_run(run_id, "completed", stats)
         if flow not in ("index", "pipeline"):  # the views exist (and show this stage's shards) after any stage

@@ -94,9 +94,12 @@ class Catalog:
         """A read-write connection inside one transaction, under the catalog's file lock; after the commit
         the read replica is republished (at once when `publish`, else at most every REPLICA_INTERVAL s)."""
         with self._locked():
+            new = not self.path.exists()
             con = connect(self.path, wait=self.lock_timeout or 0.0)
             try:
                 con.execute(_DDL)
+                if new:  # a new catalog has its (empty) views from its first commit: readers never miss them
+                    self._create_views(con, list(TABLES))
                 con.execute("BEGIN TRANSACTION")
                 try:
                     yield con

@@ -66,9 +66,12 @@ class FileLock:
             "command": " ".join(sys.argv)[:300],
             **{k: str(v)[:200] for k, v in (owner or {}).items() if v},
         }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+        except OSError:  # a full disk: the holder's note is informational, the lock itself is held
+            pass
         return self
 
     def release(self) -> None:

@@ -37,6 +37,7 @@ class Store:
         self.catalog = Catalog(self.root)
         self.lock_timeout = lock_timeout
         self.damaged: list[str] = []  # registered shards found missing or altered by done(): their units rerun
+        self.on_damaged = None  # called with each damaged shard's path as done() finds it
         self.crashed_runs = 0  # runs of dead processes marked `crashed` when this store's writer lock was taken
 
     @property
@@ -88,6 +89,8 @@ class Store:
             return False
         bad = [e.path for e in entries if not shard_intact(e, verify_checksum=verify)]
         self.damaged.extend(bad)
+        for path in bad if self.on_damaged else []:
+            self.on_damaged(path)
         return not bad
 
     def clean_temporary_files(self) -> int:

@@ -90,7 +90,7 @@ def test_a_shard_altered_in_place_is_redone_and_named(full_run, toy_model_dir, p
     stats = json.loads(run_query(Catalog(store), "SELECT stats FROM runs WHERE flow = 'chunk' "
                                                  "ORDER BY started DESC LIMIT 1")[1][0][0])
     assert stats["redone_shards"] == [str(path)]
-    assert "damaged shards" in done["out"] and path.name[:20] in done["out"]
+    assert "damaged shards (1)" in done["out"]
     assert snapshot(store) == expected
 
     # Altered with its mtime put back: the fast check cannot see it; `d2l index --verify` reads every checksum.
