@@ -26,6 +26,14 @@ def run_owner() -> dict[str, str]:
         return {}
 
 
+def _fresh_views(store: Store) -> None:
+    """The views over every shard registered so far (SQL during a run sees each finished stage whole)."""
+    try:
+        store.catalog.refresh_views(existing_only=True)
+    except Exception as exc:  # noqa: BLE001 - a stale view must not fail the stage's work
+        get_run_logger().warning("views not refreshed: %s", exc)
+
+
 def _flat(stats: dict[str, Any]) -> list[dict[str, str]]:
     """Stats as rows of (metric, value) for a table artifact; nested dicts are shown as key.subkey."""
     rows = []
@@ -65,9 +73,11 @@ def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, d
             yield store, run_id, stats
         except BaseException:
             stats["seconds"] = round(time.monotonic() - t0, 2)
+            _fresh_views(store)
             store.catalog.finish_run(run_id, "failed", stats)
             raise
         stats["seconds"] = round(time.monotonic() - t0, 2)
+        _fresh_views(store)
         store.catalog.finish_run(run_id, "completed", stats)
         if flow not in ("index", "pipeline"):  # the views exist (and show this stage's shards) after any stage
             store.catalog.refresh_views()

@@ -4,9 +4,10 @@ The catalog file is only ever held open for a moment, and only by processes that
 so two processes never open it at once. After each commit the writer publishes a read replica
 (`catalog-replica.duckdb`, storage/catalog_files.py); people and their tools query the replica, never the
 catalog itself. Views list the manifest's shard paths explicitly: a file that was never registered (a
-temporary file, or a shard whose writer died before registering it) is invisible to SQL. Registering a unit rebuilds the views of its
-tables in the same transaction, so SQL during a run sees every shard as soon as it is registered (and
-published to the replica).
+temporary file, or a shard whose writer died before registering it) is invisible to SQL. Registering a unit
+also rebuilds the views of its tables in the same transaction (at most every VIEW_REFRESH_SECONDS per table,
+since a view's creation reads every listed shard's footer), and each stage refreshes all views when it ends,
+so SQL during a run sees the registered shards within seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from storage.shards import ShardEntry, shard_intact
 # Rows with the same key in two shards (the same document in two files) show once in the views.
 PRIMARY_KEYS = {"documents": "doc_id", "chunks": "chunk_id", "questions": "question_id", "samples": "sample_id"}
 FIRST_BY = {"documents": "source, locator"}
+
+VIEW_REFRESH_SECONDS = 5.0
+_views_at: dict[tuple[Path, str], float] = {}  # (store root, table) -> when register last rebuilt its view
 
 # DuckDB refuses a second connection to one file with another configuration within a process.
 _PROCESS_LOCK = threading.RLock()
@@ -171,7 +175,12 @@ class Catalog:
                     "run_id, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [e.stage, e.key, e.table, e.path, e.rows, e.bytes, e.checksum, _now(), run_id, e.mtime_ns],
                 )
-            self._create_views(con, sorted({e.table for e in entries if e.table in TABLES}), existing_only=True)
+            now = time.monotonic()
+            due = sorted(t for t in {e.table for e in entries if e.table in TABLES}
+                         if now - _views_at.get((self.root, t), float("-inf")) >= VIEW_REFRESH_SECONDS)
+            self._create_views(con, due, existing_only=True)
+        for t in due:
+            _views_at[(self.root, t)] = now
 
     def unregister(self, stage: str, key: str) -> None:
         with self.write() as con:
@@ -266,10 +275,11 @@ class Catalog:
             pq.write_table(TABLES[table].empty_table(), path)
         return path
 
-    def refresh_views(self) -> None:
-        """(Re)create one view per table over exactly the shards the manifest lists."""
+    def refresh_views(self, existing_only: bool = False) -> None:
+        """(Re)create one view per table over exactly the shards the manifest lists (`existing_only`: those
+        whose file is there)."""
         with self.write(publish=True) as con:
-            self._create_views(con, list(TABLES))
+            self._create_views(con, list(TABLES), existing_only)
 
     def _create_views(self, con: duckdb.DuckDBPyConnection, tables: list[str], existing_only: bool = False) -> None:
         """The views of `tables` over the manifest's shards, inside the caller's transaction (`existing_only`:
