@@ -27,11 +27,14 @@ WORDS = ("lantern orchard bridge library mill harbour quarry bakery tower meadow
          "granary chapel garden").split()
 
 
+TOKENIZER: list = []
+
+
 def document(n_tokens: int, seed: int) -> str:
-    """Plain English-like text of about `n_tokens` SmolLM2 tokens, different for every seed."""
+    """Plain English-like text of about `n_tokens` tokens of the served tokenizer, different for every seed."""
     g = torch.Generator().manual_seed(seed)
     out, i = [], 0
-    while len(out) * 9 < n_tokens:
+    while len(TOKENIZER[0](" ".join(out))["input_ids"]) < n_tokens:
         w = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (3,), generator=g)]
         out.append(f"The {w[0]} of Vell{seed}-{i} faces the {w[1]} near the {w[2]}.")
         i += 1
@@ -107,6 +110,7 @@ def main() -> None:
                       max_lora_rank=64, max_new_tokens=8, max_document_bytes=1_000_000)
     service = DocumentService(cfg)
     BASE.append(service.model_name)
+    TOKENIZER.append(service.intern.tokenizer)
     print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores), torch threads {args.threads}")
     with ServerThread(build_app(service)) as srv:
         first_token_seconds(srv.url, service.model_name, "Warm up.")
