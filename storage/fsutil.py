@@ -53,11 +53,14 @@ def publishable_modes(root: str | Path) -> None:
             os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
 
 
-def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], None]) -> Path:
-    """Replace `path` with `data` (text as UTF-8, bytes, or a function that writes to a binary file)."""
+def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], None], tmp_prefix: str = "") -> Path:
+    """Replace `path` with `data` (text as UTF-8, bytes, or a function that writes to a binary file).
+
+    `tmp_prefix` puts a fixed prefix on the temporary name, for folders whose cleaners glob for it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f"{tmp_prefix or '.'}{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
             if callable(data):

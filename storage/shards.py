@@ -7,14 +7,13 @@ removes.
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.fsutil import atomic_write
 from storage.hashing import file_sha256
 
 TMP_PREFIX = ".tmp-"
@@ -34,23 +33,8 @@ class ShardEntry:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
-    """Write `table` to `path` via a temporary file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression=compression)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write `table` to `path` crash-safely (storage/fsutil.py: temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: pq.write_table(table, f, compression=compression), tmp_prefix=TMP_PREFIX)
 
 
 def write_shard(root: Path, stage: str, key: str, table_name: str, table: pa.Table) -> ShardEntry:

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from model.base_models import text_config
+from model.config_checks import from_dict_strict, merge_mode
 from storage.fsutil import atomic_write
 
 CONFIG_NAME = "hyper_config.json"
@@ -75,12 +76,9 @@ class HyperConfig:
             self.alpha = 2.0 * float(self.rank) ** 1.5
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        if self.merge == "scaled":
-            self.merge = "mean"
+        self.merge = merge_mode(self.merge)
         if self.feature_positions not in ("none", "sinusoidal"):
             raise ValueError(f"feature_positions must be 'none' or 'sinusoidal', got {self.feature_positions!r}")
-        if self.merge not in ("concat", "mean"):
-            raise ValueError(f"merge must be 'concat' or 'mean', got {self.merge!r}")
         if self.latent_dim % self.heads:
             raise ValueError(f"latent_dim={self.latent_dim} must be divisible by heads={self.heads}")
 
@@ -119,11 +117,7 @@ class HyperConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HyperConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown HyperConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_dict_strict(cls, d)
 
     def save(self, folder: str | Path) -> Path:
         return atomic_write(Path(folder) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True))

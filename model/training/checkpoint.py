@@ -18,16 +18,15 @@ Loading never unpickles and never calls ``torch.load``: a ``.pt`` / ``.bin`` / p
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from storage.fsutil import atomic_folder
 
 FORMAT = "doc2lora-checkpoint"
 VERSION = 1
@@ -112,38 +111,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- files
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_folder_write(dest: str | Path, write) -> Path:
     """Call ``write(tmp_folder)``, then move the folder to `dest` (replacing any previous one)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = dest.parent / f".{dest.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(dest) as tmp:
         write(tmp)
-        _fsync_tree(tmp)
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{tag}"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return Path(dest)
 
 
 def refuse_pickle(path: str | Path) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.config_checks import from_dict_strict, merge_mode
 from storage.fsutil import atomic_write
 
 CONFIG_NAME = "train_config.json"
@@ -72,10 +73,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         self.chunk_dist = {int(k): float(v) for k, v in dict(self.chunk_dist).items()}
-        if self.merge == "scaled":
-            self.merge = "mean"
-        if self.merge not in (None, "concat", "mean"):
-            raise ValueError(f"merge must be 'concat', 'mean' or None, got {self.merge!r}")
+        if self.merge is not None:  # None: the HyperConfig's
+            self.merge = merge_mode(self.merge)
         if self.total_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("total_steps, batch_size and grad_accum must be >= 1")
         if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
@@ -115,11 +114,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_dict_strict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
