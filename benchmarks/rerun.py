@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="d2l-rerun-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900",
            "PREFECT_HOME": str(work / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     env.pop("D2L_ALWAYS_RUN_FLOWS", None)
