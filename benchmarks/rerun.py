@@ -157,17 +157,19 @@ def persistent_server(home: Path, port: int, env: dict[str, str]):
         log.close()
 
 
-def scenario(name: str, work: Path, model: Path, corpus: Path, env: dict[str, str]) -> dict:
-    """First run, shortcut rerun, flows rerun on a fresh store; their phases."""
+def scenario(name: str, work: Path, model: Path, corpus: Path, env: dict[str, str], runs: int = 3) -> dict:
+    """First run, shortcut rerun, flows rerun (the first `runs` of them) on a fresh store; their phases."""
     store = work / f"store-{name}"
     shutil.rmtree(store, ignore_errors=True)
     config = work / f"{name}.yaml"
     config.write_text(CONFIG.format(store=store, model=model, corpus=corpus))
     out = {}
     for label, extra in (("first run", {}), ("rerun (d2l run)", {}),
-                         ("rerun, flows forced", {"D2L_ALWAYS_RUN_FLOWS": "1"})):
+                         ("rerun, flows forced", {"D2L_ALWAYS_RUN_FLOWS": "1"}))[:runs]:
         t = run_once(config, {**env, **extra})
         out[label] = phases(t, stage_times(store, t["spawn"]))
+    if runs < 3:
+        return out
     first = out["first run"]
     out["model work"] = first.get("stage synthesize", 0.0) + first.get("stage teacher", 0.0)
     return out
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", type=int, default=10, help="Source files (one unit each).")
     ap.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each run.")
     ap.add_argument("--no-persistent", action="store_true", help="Skip the persistent-server scenario.")
+    ap.add_argument("--no-ephemeral", action="store_true", help="Skip the ephemeral-server scenario (and the "
+                    "warm-up run before it).")
     ap.add_argument("--port", type=int, default=4391, help="Port of the persistent server.")
     ap.add_argument("--work", help="Working folder (default: a temporary one, removed at the end).")
     args = ap.parse_args(argv)
@@ -210,24 +214,25 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="d2l-rerun-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900",
            "PREFECT_HOME": str(work / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     env.pop("D2L_ALWAYS_RUN_FLOWS", None)
     print(f"load: {os.getloadavg()} at {datetime.now(timezone.utc):%H:%M:%S} UTC; work folder {work}")
     model, corpus = build_inputs(work, args.docs)
-    warm = work / "warm"  # Prefect's database, the OS file cache and the model files, before anything is timed
-    warm.mkdir(exist_ok=True)
-    (warm / "one.txt").write_text((corpus / "doc00.txt").read_text())
-    scenario("warm-up", work, model, warm, env)
-    report("ephemeral server (PREFECT_API_URL unset)", scenario("ephemeral", work, model, corpus, env))
+    if not args.no_ephemeral:
+        warm = work / "warm"  # Prefect's database, the OS file cache, the model files, before anything is timed
+        warm.mkdir(exist_ok=True)
+        (warm / "one.txt").write_text((corpus / "doc00.txt").read_text())
+        scenario("warm-up", work, model, warm, env, runs=1)
+        report("ephemeral server (PREFECT_API_URL unset)", scenario("ephemeral", work, model, corpus, env))
     if not args.no_persistent:
         home = work / "server-home"
         home.mkdir(exist_ok=True)
         with persistent_server(home, args.port, env) as url:
             res = scenario("persistent", work, model, corpus, {**env, "PREFECT_API_URL": url})
         report(f"persistent server ({url})", res)
-    cli_walls(env, work / "store-ephemeral")
+    cli_walls(env, work / ("store-persistent" if args.no_ephemeral else "store-ephemeral"))
     print(f"load after: {os.getloadavg()}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,6 +66,9 @@ _MODEL_FILES = ("config.json",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Files fetched for a Hub model: weights as safetensors, configs, tokenizers, chat templates.
 _HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+# transformers' lazy top-level module is not safe to import from several threads at once (units on the
+# threads runner load their tokenizers together when nothing loaded one before): loads take turns.
+_TOKENIZER_LOAD = threading.Lock()
 
 
 class BaseModelError(RuntimeError):
@@ -240,9 +244,10 @@ def load_tokenizer(model_dir: Path | str, *, require_chat_template: bool = True)
     Sets a pad token (the eos token) where the tokenizer has none. With ``require_chat_template`` (the
     default) a tokenizer without a chat template is an error: doc2lora wraps every document as a user turn.
     """
-    from transformers import AutoTokenizer
+    with _TOKENIZER_LOAD:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if require_chat_template and not tokenizer.chat_template:
