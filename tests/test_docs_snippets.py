@@ -88,7 +88,15 @@ def skip_reason(argv: list[str]) -> str | None:
 
 
 def sql_statements(body: str) -> list[str]:
-    return [s.strip() for s in re.split(r";\s*$", body, flags=re.M) if re.sub(r"--[^\n]*", "", s).strip()]
+    """The statements of a sql block, each without its leading comment lines (its label)."""
+    out = []
+    for stmt in re.split(r";\s*$", body, flags=re.M):
+        lines = stmt.strip().splitlines()
+        while lines and lines[0].lstrip().startswith("--"):
+            lines.pop(0)
+        if "\n".join(lines).strip():
+            out.append("\n".join(lines))
+    return out
 
 
 @pytest.fixture(scope="module")

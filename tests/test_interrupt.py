@@ -86,7 +86,7 @@ def train_args(store: Path, model: Path, steps: int) -> list[str]:
     return ["train", "--store", str(store), "--base-model", str(model), "--no-progress",
             "--set", "train.name=sigint", "--set", "train.threads=1", "--set", f"train.hyper={HYPER}",
             "--set", f"train.optim={{total_steps: {steps}, warmup_steps: 2, batch_size: 2, eval_every: 0, "
-                     "checkpoint_every: 2, eval_batches: 1}"]
+                     "checkpoint_every: 10, eval_batches: 1}"]
 
 
 def wait_for(proc: subprocess.Popen, ready, log: Path, limit: float = 600) -> None:
@@ -129,7 +129,8 @@ def assert_consistent(store: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_run_in_teacher_stage_then_train(tmp_path, toy_model_dir):
+@pytest.mark.timeout(1800)
+def test_sigint_run_in_teacher_stage_then_rerun(tmp_path, toy_model_dir):
     store, log = tmp_path / "store", tmp_path / "d2l.log"
     proc = d2l(run_args(store, toy_model_dir), log)
     wait_for(proc, lambda: shards(store, "samples") >= 1, log)  # the teacher stage has begun writing
@@ -151,8 +152,19 @@ def test_sigint_run_in_teacher_stage_then_train(tmp_path, toy_model_dir):
     dropped = run_query(cat, "SELECT count(*) FROM rejects WHERE stage = 'teacher'")[1][0][0]
     assert questions > 0 and answered + dropped == questions
 
-    # d2l train: SIGINT after its first checkpoint, then the same command resumes and finishes
-    steps = 400
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigint_train_mid_training_then_resume(prefect_server, tmp_path, toy_model_dir):
+    """d2l train: SIGINT after its first checkpoint; the same command resumes and finishes."""
+    from flows.config import load_config
+    from flows.pipeline import pipeline_flow
+
+    store, log = tmp_path / "store", tmp_path / "d2l.log"
+    sets = [f"store={store}", f"base_model={toy_model_dir}", "progress=false", "stages=[synthesize,teacher]",
+            *TOY_SETS]
+    pipeline_flow(load_config(None, sets).model_copy(update={"sources": SOURCES[:2]}))  # teacher samples
+    steps = 100
     proc = d2l(train_args(store, toy_model_dir, steps), log)
     run = store / "hypernets" / "sigint"
     wait_for(proc, lambda: (run / "checkpoints" / "latest").exists(), log)
@@ -162,7 +174,7 @@ def test_sigint_run_in_teacher_stage_then_train(tmp_path, toy_model_dir):
     assert any("uvicorn" in c for c in procs.values()), procs
     assert_consistent(store)
     again = d2l(train_args(store, toy_model_dir, steps), log)
-    assert again.wait(900) == 0, log.read_text()[-3000:]
+    assert again.wait(1200) == 0, log.read_text()[-3000:]
     done = run_query(Catalog(store), "SELECT max(step) FROM train_metrics WHERE name = 'sigint' AND kind = 'train'")
     assert done[1][0][0] == steps
 
