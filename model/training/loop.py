@@ -220,6 +220,8 @@ def _resume(run: Run, resume: bool) -> tuple[int, int | None]:
     start_step = 0
     if ckpt is not None:
         saved_train = json.loads((ckpt / "state.json").read_text()).get("extra", {}).get("train_config")
+        if saved_train is not None:  # a field added since that checkpoint ran with its default
+            saved_train = {**TrainConfig().result_dict(), **saved_train}
         if saved_train is not None and not _same(saved_train, run.cfg.result_dict()):
             raise ValueError(f"{out_dir}: the training config differs from the checkpointed run's; "
                              "use another out_dir or resume=False")
