@@ -19,12 +19,13 @@ VIEWS = ("documents", "chunks", "questions", "samples", "rejects")
 
 
 def _sandbox_read(cat: Catalog) -> tuple[int, dict[str, int]]:
-    """One snapshot: manifest rows, and per view its rows, which must equal what the manifest says."""
+    """One snapshot: manifest rows, and per view its rows. The views are refreshed at the end of each stage,
+    so within a stage they may lag the manifest, but never show a row of a shard the manifest lacks."""
     with sandbox(cat) as con:
         manifest = con.execute("SELECT count(*) FROM manifest").fetchone()[0]
         counts = {v: con.execute(f"SELECT count(*) FROM {v}").fetchone()[0] for v in VIEWS}
         listed = dict(con.execute("SELECT table_name, sum(rows) FROM manifest GROUP BY 1").fetchall())
-    assert counts["samples"] == listed.get("samples", 0) and counts["questions"] <= listed.get("questions", 0)
+    assert all(counts[v] <= listed.get(v, 0) for v in VIEWS), (counts, listed)
     return manifest, counts
 
 
