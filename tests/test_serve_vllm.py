@@ -113,15 +113,16 @@ def compare(choice: dict, tokens: list[int], ref: torch.Tensor) -> tuple[bool, f
     return got == tokens, worst
 
 
-def test_vllm_answers_equal_peft_on_20_prompts(server, smollm2_dir):
+def check_equality(server, smollm2_dir, prompts_text: list[str]) -> None:
+    """Greedy answers and top-k log-probs of vLLM (adapter hot-loaded through `d2l serve`) vs PeftModel."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     r = httpx.post(f"{server.url}/documents", json={"text": DOC}, timeout=300)
-    assert r.status_code == 201, r.text
+    assert r.status_code in (200, 201), r.text
     aid = r.json()["adapter_id"]
     tok = server.service.intern.tokenizer
-    prompts = [prompt_ids(tok, q) for q in PROMPTS]
+    prompts = [prompt_ids(tok, q) for q in prompts_text]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         served = list(pool.map(lambda p: complete(server.url, aid, p), prompts))
@@ -144,12 +145,25 @@ def test_vllm_answers_equal_peft_on_20_prompts(server, smollm2_dir):
     assert same == len(prompts), [i for i, (eq, _) in enumerate(results) if not eq]
     assert worst < TOL
     assert moved > 1e-2
-    assert server.service.cache.loaded() == [aid]
+    assert aid in server.service.cache.loaded()
 
 
+def test_vllm_answers_equal_peft_fast(server, smollm2_dir):
+    """The default suite's check: 5 prompts."""
+    check_equality(server, smollm2_dir, PROMPTS[:5])
+
+
+@pytest.mark.slow
+def test_vllm_answers_equal_peft_on_20_prompts(server, smollm2_dir):
+    """The issue's 20 prompts (7.5 min with the server's start at load 25-35 on 2 cores)."""
+    check_equality(server, smollm2_dir, PROMPTS)
+
+
+@pytest.mark.slow
 def test_vllm_lru_hot_loading_serves_the_right_adapter(server, smollm2_dir):
     """Four documents, two vLLM LoRA slots: adapters are evicted and reloaded; each answer still matches the
-    reference of its own adapter (and not another's)."""
+    reference of its own adapter (and not another's). 12.5 min at load 30-37 on 2 cores, hence slow; the cache
+    itself is the backend-agnostic one that tests/test_serve.py checks in the default suite."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
