@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
                     "warm-up run before it).")
     ap.add_argument("--port", type=int, default=4391, help="Port of the persistent server.")
     ap.add_argument("--work", help="Working folder (default: a temporary one, removed at the end).")
+    ap.add_argument("--no-warm-up", action="store_true", help="No warm-up run (when --work already holds a "
+                    "migrated prefect-home and the caches are warm).")
     args = ap.parse_args(argv)
     if args.child:
         return child(args.child)
@@ -220,11 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     env.pop("D2L_ALWAYS_RUN_FLOWS", None)
     print(f"load: {os.getloadavg()} at {datetime.now(timezone.utc):%H:%M:%S} UTC; work folder {work}")
     model, corpus = build_inputs(work, args.docs)
-    if not args.no_ephemeral:
+    if not args.no_ephemeral and not args.no_warm_up:
         warm = work / "warm"  # Prefect's database, the OS file cache, the model files, before anything is timed
         warm.mkdir(exist_ok=True)
         (warm / "one.txt").write_text((corpus / "doc00.txt").read_text())
         scenario("warm-up", work, model, warm, env, runs=1)
+    if not args.no_ephemeral:
         report("ephemeral server (PREFECT_API_URL unset)", scenario("ephemeral", work, model, corpus, env))
     if not args.no_persistent:
         home = work / "server-home"
