@@ -173,9 +173,12 @@ def ask_cmd(
     max_new_tokens: int = typer.Option(64, help="Answer length limit."),
 ) -> None:
     """Answer a question with the base model + a generated adapter."""
+    from flows.cli_errors import reported
     from tasks.adapters import answer_with_adapter
 
-    typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
+    with reported("ask"):
+        answer = answer_with_adapter(str(adapter), question, max_new_tokens)
+    typer.echo(answer)
 
 
 class Format(str, Enum):
