@@ -199,7 +199,8 @@ def ask_cmd(
     from tasks.adapters import answer_with_adapter
 
     with reported("ask"):
-        typer.echo(answer_with_adapter(str(adapter), question, max_new_tokens))
+        answer = answer_with_adapter(str(adapter), question, max_new_tokens)
+    typer.echo(answer)
 
 
 class Format(str, Enum):

@@ -186,3 +186,26 @@ def test_repository_stays_clean():
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
                             capture_output=True, text=True).stdout
     assert not [line for line in status.splitlines() if line.endswith((".parquet", ".csv"))], status
+
+
+def test_internalize_chunks_at_the_trained_length_and_ask_is_quiet(workdir, monkeypatch, tmp_path):
+    """`d2l internalize` with no --chunk-max-tokens chunks at the length saved with the hypernetwork and
+    says so; a long text argument is the document, not a file name; `d2l ask` prints no FutureWarning."""
+    import json
+
+    saved = json.loads((workdir / "store" / "hypernets" / "mine" / "base_model.json").read_text())
+    assert saved["chunk_tokens"] > 0
+    text = "the color of zorb is teal . the size of blick is small . " * 150  # ~1,900 words: several chunks
+    monkeypatch.chdir(workdir)
+    res = CliRunner().invoke(app, ["internalize", text, "--checkpoint", "store/hypernets/mine",
+                                   "--out", str(tmp_path / "long")])
+    assert res.exit_code == 0, res.output
+    first = next(line for line in res.output.splitlines() if line.startswith("chunking:"))
+    assert first.endswith(f"chunks of at most {saved['chunk_tokens']} tokens; the chunk length the "
+                          "hypernetwork was trained on)"), res.output
+    assert int(first.split()[1]) > 1, first
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "ask", "--adapter", str(tmp_path / "long"),
+                           "what is the color of zorb ?", "--max-new-tokens", "4"], cwd=workdir,
+                          env=subprocess_env(None), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-2000:]

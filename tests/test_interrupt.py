@@ -89,11 +89,18 @@ def train_args(store: Path, model: Path, steps: int) -> list[str]:
                      "checkpoint_every: 10, eval_batches: 1}"]
 
 
-def wait_for(proc: subprocess.Popen, ready, log: Path, limit: float = 600) -> None:
+def wait_for(proc: subprocess.Popen, ready, log: Path, limit: float = 1200) -> None:
+    """Poll until `ready()`; on a failure the command's whole process tree is killed (nothing left behind)."""
     deadline = time.monotonic() + limit
     while not ready():
-        assert proc.poll() is None, f"ended early ({proc.returncode}):\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"never got there:\n{log.read_text()[-3000:]}"
+        if proc.poll() is not None or time.monotonic() > deadline:
+            for p in [proc.pid, *descendants(proc.pid)]:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            pytest.fail(f"{'ended early (%s)' % proc.returncode if proc.poll() is not None else 'never got there'}:"
+                        f"\n{log.read_text()[-3000:]}")
         time.sleep(0.02)
 
 
