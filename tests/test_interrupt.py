@@ -152,7 +152,7 @@ def test_sigint_run_in_teacher_stage_then_rerun(tmp_path, toy_model_dir):
     assert "interrupted" in [s for (s,) in run_query(Catalog(store), "SELECT status FROM runs")[1]]
 
     again = d2l(run_args(store, toy_model_dir), log)
-    assert again.wait(600) == 0, log.read_text()[-3000:]
+    assert again.wait(1500) == 0, log.read_text()[-3000:]
     cat = Catalog(store)
     questions = run_query(cat, "SELECT count(*) FROM questions")[1][0][0]
     answered = run_query(cat, "SELECT count(*) FROM samples")[1][0][0]
