@@ -67,9 +67,9 @@ def preflight(flow_name: str, cfg) -> None:
 
     if flow_name in NEEDS_SOURCES:
         check_sources(list(cfg.sources))
-    store_preflight(flow_name, str(cfg.store), list(cfg.sources), cfg.ingest)  # catalog opens; sources known
     if flow_name in NEEDS_MODEL:
         check_base_model(str(cfg.base_model), str(cfg.store))
+    store_preflight(flow_name, str(cfg.store), list(cfg.sources), cfg.ingest)  # catalog opens; sources known
 
 
 def read_document(document: str) -> str:
