@@ -20,7 +20,8 @@ _COUNTS = {
     "ingest": ("documents", "rejects", "the sources (see `d2l sql \"SELECT * FROM rejects\"`)"),
     "chunk": ("chunks", "rejects", "chunk.max_tokens"),
     "synthesize": ("questions", "rejects", "synthesize.max_new_tokens or the question LLM"),
-    "teacher": ("samples", "rejects", "teacher.max_new_tokens (answers longer than it are dropped)"),
+    # complete answers: an answer cut at max_new_tokens is kept (finished=false) but counts as not complete here
+    "teacher": ("samples", "rejects", "teacher.max_new_tokens (longer answers are cut there)"),
 }
 
 
@@ -32,7 +33,8 @@ class DataLossConfig(BaseModel):
     ingest: float = Field(0.5, ge=0, le=1, description="Least share of read documents kept (not rejected).")
     chunk: float = Field(0.5, ge=0, le=1, description="Least share of chunks among chunks + rejects.")
     synthesize: float = Field(0.25, ge=0, le=1, description="Least share of questions among questions + rejects.")
-    teacher: float = Field(0.5, ge=0, le=1, description="Least share of questions answered (not unfinished/failed).")
+    teacher: float = Field(0.5, ge=0, le=1, description="Least share of questions answered completely (not cut at "
+                           "teacher.max_new_tokens, not failed).")
     strict: bool = Field(False, description="Fail the run (instead of a named warning state) below a floor.")
 
 
@@ -44,6 +46,9 @@ def kept_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(s, dict):
             continue
         kept, dropped = int(s.get(kept_key, 0) or 0), int(s.get(dropped_key, 0) or 0)
+        if stage == "teacher":  # cut answers move from kept to dropped: truncated targets are a loss to report
+            cut = int(s.get("unfinished", 0) or 0)
+            kept, dropped = kept - cut, dropped + cut
         total = kept + dropped
         rows.append({"stage": stage, "kept": kept, "dropped": dropped,
                      "kept_share": round(kept / total, 3) if total else None, "hint": hint,

@@ -73,7 +73,8 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
     if te is not None:
         t.add_row("teacher", str(te.get("done_before", 0)), str(te.get("written", 0)),
                   f"{te.get('samples', 0)} answers, {te.get('answer_tokens', 0)} answer tokens with top-k, "
-                  f"{te.get('unfinished', 0)} unfinished dropped, {te.get('rejects', 0)} rejects")
+                  f"{te.get('unfinished', 0)} cut at max_new_tokens (kept, finished=false), "
+                  f"{te.get('rejects', 0)} rejects")
     tr = stats.get("train")
     if tr is not None:
         now = (tr.get("steps") or 0) - (tr.get("resumed_from") or 0)  # 0 when a finished run was found

@@ -45,7 +45,7 @@ def _warnings(flow_run_id) -> list[str]:
 
 
 def test_teacher_dropping_most_answers_ends_in_data_loss(prefect_server, tmp_path, toy_model_dir):
-    # one answer token: every toy answer ("red .") is unfinished and dropped
+    # one answer token: every toy answer ("red .") is cut there (kept with finished=false, but not complete)
     state = pipeline_flow(toy(tmp_path / "lossy", toy_model_dir, "teacher.max_new_tokens=1"), return_state=True)
     assert state.is_completed() and state.name == LOSS_STATE, state
     assert "teacher kept 0 of 16 (0%, 16 unfinished)" in state.message, state.message
@@ -89,9 +89,10 @@ def test_strict_fails_and_a_healthy_teacher_run_completes(prefect_server, tmp_pa
 
 def test_floors_are_fractions_of_what_each_stage_handled():
     cfg = DataLossConfig()
-    assert check_floors({"teacher": {"samples": 3, "rejects": 23, "unfinished": 23}}, cfg) == [
+    # 26 answers kept, 23 of them cut at max_new_tokens: 3 complete
+    assert check_floors({"teacher": {"samples": 26, "rejects": 0, "unfinished": 23}}, cfg) == [
         "teacher kept 3 of 26 (12%, 23 unfinished), below the floor data_loss.teacher=0.5; change "
-        "teacher.max_new_tokens (answers longer than it are dropped) or lower the floor"]
+        "teacher.max_new_tokens (longer answers are cut there) or lower the floor"]
     assert check_floors({"teacher": {"samples": 20, "rejects": 6}, "synthesize": {"questions": 26, "rejects": 60}},
                         cfg) == []  # 30% questions kept passes the synthesize floor of 25%
     assert check_floors({"teacher": {"samples": 0, "rejects": 0}}, cfg) == []  # nothing to do: no loss
