@@ -59,6 +59,15 @@ SKIP = {
     "torchrun": "data-parallel training (tests/test_ddp.py runs torchrun with 2 ranks)",
     "accelerate launch": "8 GPUs",
     "python benchmarks/toy_world.py": "the toy benchmark (~6 min; --smoke runs in tests/test_evaluate.py)",
+    "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_world.py": "an ablation run of the toy benchmark (minutes)",
+    "export DO_NOT_TRACK=1": "sets the telemetry environment of the commands that follow",
+    "d2l serve": "a long-running server (tests/test_serve.py runs it and talks to it over real HTTP)",
+    "curl": "requests to a running `d2l serve` (tests/test_serve.py sends the same requests)",
+}
+
+# python blocks that need something running, by their first line -> why they do not run here
+SKIP_PYTHON = {
+    "from openai import OpenAI": "a client of a running `d2l serve` (tests/test_serve.py uses the openai client)",
 }
 
 
@@ -137,10 +146,16 @@ def run_python(args: list[str], work: Path) -> None:
     assert proc.returncode == 0, f"{args}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
 
+def python_skip_reason(body: str) -> str | None:
+    return SKIP_PYTHON.get(body.strip().splitlines()[0].strip()) if body.strip() else None
+
+
 def test_every_block_is_code_we_run_or_listed():
     langs = {lang for _, lang, _ in blocks()}
     assert langs <= NOT_CODE | {"bash", "python", "sql"}, langs
     used = set()
+    used_python = {python_skip_reason(body) for _, lang, body in blocks() if lang == "python"} - {None}
+    assert used_python == set(SKIP_PYTHON.values()), f"stale SKIP_PYTHON entries: {set(SKIP_PYTHON.values()) - used_python}"
     for where, lang, body in blocks():
         for argv in bash_commands(body) if lang == "bash" else []:
             why = skip_reason(argv)
@@ -162,6 +177,8 @@ def test_zero_row_unit_is_in_the_store(workdir):
 def test_snippet_runs(where, lang, body, workdir, monkeypatch):
     ran = 0
     if lang == "python":
+        if python_skip_reason(body):
+            pytest.skip(f"{where}: {python_skip_reason(body)}")
         run_python(["-c", body], workdir)
         ran += 1
     elif lang == "sql":
