@@ -9,15 +9,13 @@ the replica through DuckDB, so no reader's lock can reach it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import duckdb
 
-from storage.fsutil import fsync_dir
+from storage.fsutil import atomic_write
 
 REPLICA_NAME = "catalog-replica.duckdb"
 
@@ -57,15 +55,6 @@ def connect(path: Path, read_only: bool = False, wait: float = 30.0) -> duckdb.D
 def publish_replica(path: Path) -> Path:
     """Copy the (closed, checkpointed) catalog to its replica atomically; call under the catalog lock."""
     replica = path.with_name(REPLICA_NAME)
-    tmp = path.with_name(f".{REPLICA_NAME}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, replica)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with open(path, "rb") as src:
+        atomic_write(replica, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
     return replica
