@@ -144,12 +144,14 @@ def index_cmd(
     verify: bool = typer.Option(False, "--verify", help="Read every shard's full checksum (default: size and "
                                 "mtime, and the checksum of files whose mtime changed)."),
     lock_timeout: Optional[float] = typer.Option(None, help="Seconds to wait if another writer holds the store."),
+    progress: bool = typer.Option(True, help="Show progress bars (on a terminal)."),
 ) -> None:
     """Check shards against the manifest and rebuild the catalog's SQL views (--rebuild: the manifest too)."""
     import json
 
-    cfg = _config(config, sets, store, [], None, lock_timeout, False)
+    cfg = _config(config, sets, store, [], None, lock_timeout, progress)
     typer.echo(json.dumps(_run_stage("index", cfg, rebuild=rebuild, verify=verify), indent=1, default=str))
+
 
 app.command("train")(_stage_command(
     "train", "Train (or resume) the hypernetwork on the teacher samples: --set train.optim.total_steps=200 ..."))
