@@ -79,8 +79,6 @@ def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, d
         stats["seconds"] = round(time.monotonic() - t0, 2)
         _fresh_views(store)
         store.catalog.finish_run(run_id, "completed", stats)
-        if flow not in ("index", "pipeline"):  # the views exist (and show this stage's shards) after any stage
-            store.catalog.refresh_views()
     create_table_artifact(key=f"d2l-{flow}", table=_flat(stats),
                           description=f"doc2lora {flow}: units, rows, rejects and time of this run")
     get_run_logger().info("%s: %s", flow, stats)
