@@ -15,9 +15,9 @@ HYPER = "{target_modules: [w2], rank: 2, latent_dim: 16, latent_count: 2, depth:
 
 
 def files(store) -> dict[str, tuple[int, int]]:
-    """Every file under the store except the catalog and its locks (they record the run itself): (mtime_ns, size)."""
+    """Every file under the store except the catalog, its read replica and its locks (they record the run itself): (mtime_ns, size)."""
     return {str(p.relative_to(store)): (p.stat().st_mtime_ns, p.stat().st_size) for p in store.rglob("*")
-            if p.is_file() and not p.name.startswith(("catalog.", "writer.lock"))}
+            if p.is_file() and not p.name.startswith(("catalog.", "catalog-replica.", "writer.lock"))}
 
 
 def summary_text(stats, capsys) -> str:
