@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.chunk import chunk_flow
 from flows.config import PipelineConfig
-from flows.data_loss import final_state, kept_rows
+from flows.data_loss import check_floors, final_state, kept_rows
 from flows.index import index_flow
 from flows.ingest import ingest_flow
 from flows.run_progress import PipelineProgress
@@ -55,7 +55,13 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Any:
             if "teacher" in config.stages:
                 run("teacher", teacher_flow)
         run("index", index_flow)
-        if "train" in config.stages:
+        lost = check_floors(stats, config.data_loss) if "train" in config.stages else []
+        if lost:  # do not spend a training run on a data set a stage above already lost too much of
+            logger.warning("train skipped: %s. Mend the stage and rerun, or train on what was kept with "
+                           "`d2l train`.", "; ".join(lost))
+            stats["train"] = {"skipped": "data loss upstream"}
+            prog.skipped("train", "data loss upstream")
+        elif "train" in config.stages:
             run("train", lambda c: train_flow(**train_params(c)))
             if config.demo_document:
                 stats["adapter"] = internalize_task(

@@ -85,6 +85,13 @@ class PipelineProgress:
         self.logger.info("stage %s: done in %.1f s; %s", name, time.monotonic() - row["t0"], row["rows"] or "no counts")
         self._push(force=True)
 
+    def skipped(self, name: str, why: str) -> None:
+        """Mark `name` skipped (it will not run in this pipeline run) and say why in its row."""
+        row = self.rows.get(name)
+        if row is not None:
+            row.update(state="skipped", rows=why)
+            self._push(force=True)
+
     def units(self, stage: str, total: int, unit: str) -> None:
         """A stage's unit loop starts: `total` units."""
         row = self.rows.get(stage)
@@ -112,7 +119,7 @@ class PipelineProgress:
         got = 0.0
         for s in self.order:
             r = self.rows[s]
-            if r["state"] == "done":
+            if r["state"] in ("done", "skipped"):
                 got += 1
             elif r["state"] == "running" and r["total"]:
                 got += r["done"] / r["total"]

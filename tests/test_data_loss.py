@@ -45,15 +45,20 @@ def _warnings(flow_run_id) -> list[str]:
 
 
 def test_teacher_dropping_most_answers_ends_in_data_loss(prefect_server, tmp_path, toy_model_dir):
-    # one answer token: every toy answer ("red .") is cut there (kept with finished=false, but not complete)
-    state = pipeline_flow(toy(tmp_path / "lossy", toy_model_dir, "teacher.max_new_tokens=1"), return_state=True)
+    # one answer token: every toy answer ("red .") is cut there (kept with finished=false, but not complete);
+    # train is asked for, and skipped: no training run is spent on a data set the teacher lost
+    state = pipeline_flow(toy(tmp_path / "lossy", toy_model_dir, "teacher.max_new_tokens=1",
+                              "stages=[synthesize,teacher,train]"), return_state=True)
     assert state.is_completed() and state.name == LOSS_STATE, state
     assert "teacher kept 0 of 16 (0%, 16 unfinished)" in state.message, state.message
     assert "data_loss.teacher=0.5" in state.message and "teacher.max_new_tokens" in state.message
     run_id = state.state_details.flow_run_id
     warnings = _warnings(run_id)
     assert any("data loss: teacher kept 0 of 16" in w and "teacher.max_new_tokens" in w for w in warnings), warnings
+    assert any(w.startswith("train skipped: teacher kept 0 of 16") for w in warnings), warnings
     stats = state.result()
+    assert stats["train"] == {"skipped": "data loss upstream"}
+    assert not (tmp_path / "lossy" / "hypernets").exists()  # no checkpoint folder: training never started
     assert stats["data_loss"] and list(stats)[:3] == ["kept ingest", "kept chunk", "kept synthesize"]
 
     # the summary artifact: the kept / dropped numbers are its first rows

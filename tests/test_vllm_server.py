@@ -55,6 +55,7 @@ def openai_generator(url: str, model: str, **more) -> dict:
 
 def make_config(store, model_dir, sources, synth_gen=None, teacher_gen=None, **sections) -> PipelineConfig:
     tree = {"store": str(store), "base_model": str(model_dir), "progress": False, "sources": list(sources),
+            "stages": ["synthesize", "teacher"],  # the data stages under test; training is tested elsewhere
             "chunk": {"max_tokens": 200},
             "synthesize": {"questions_per_round": 2, "max_new_tokens": 64},
             "teacher": {"max_new_tokens": 32, "topk": 16}}
