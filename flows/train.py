@@ -13,8 +13,7 @@ from flows.config import DEFAULT_BASE_MODEL, PipelineConfig
 from flows.progress import bars
 from flows.runs import stage_run
 from tasks.models import resolve_model
-from tasks.plots import plot_training
-from tasks.train import TrainStageConfig, run_dir, train_hypernet
+from tasks.train import TrainStageConfig, plot_training, run_dir, train_hypernet
 from tasks.train_metrics import MetricsSink
 
 __all__ = ["train_flow", "train_params"]

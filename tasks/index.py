@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import duckdb
 from prefect import task
 
 from storage.rebuild import rebuild_catalog
@@ -33,10 +34,14 @@ def refresh_catalog(store_root: str, verify_checksums: bool = False) -> dict[str
 
 @task(name="table-counts")
 def table_counts(store_root: str) -> dict[str, Any]:
-    """Rows per view, duplicates, and rejects by stage and reason."""
+    """Rows per view, duplicates, and rejects by stage and reason; ``{"unreadable": ...}`` instead when a shard
+    cannot be read (altered in place with its size and mtime kept, which the fast check cannot see)."""
     cat = Store(store_root).catalog
     with cat.read() as con:
-        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+        try:
+            counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+        except duckdb.Error as e:
+            return {"unreadable": f"{type(e).__name__}: {e}"}
         raw_docs = con.execute(
             "SELECT coalesce(sum(rows), 0) FROM manifest WHERE table_name = 'documents'").fetchone()[0]
         rejects = con.execute(

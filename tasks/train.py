@@ -13,10 +13,11 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.training.curves import plot_training  # the train flow draws the run's curves with it
 from storage.catalog import Catalog
 from tasks.train_settings import HyperSettings, OptimSettings
 
-__all__ = ["TrainStageConfig", "init_from_env", "launched", "read_training_rows", "run_dir", "shutdown",
+__all__ = ["TrainStageConfig", "init_from_env", "launched", "plot_training", "read_training_rows", "run_dir", "shutdown",
            "train_hypernet"]
 
 

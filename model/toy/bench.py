@@ -148,12 +148,16 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
     t0 = time.perf_counter()
     res = train(model, tok, hcfg, tcfg, train_rows, eval_rows, out_dir, resume=False, progress=progress,
                 on_metrics=lambda r: log(f"  step {r['step']}: eval KL {r['eval_kl']:.4f}, top-1 agreement "
-                                         f"{r['eval_agreement']:.3f}") if r.get("kind") == "eval" else None)
+                                         f"{r['eval_agreement']:.3f}, answers exact {r['eval_exact']:.3f}")
+                if r.get("kind") == "eval" else None)
     seconds = time.perf_counter() - t0
     n_params = sum(p.numel() for p in res["hypernet"].parameters())
     log(f"hypernetwork: {n_params / 1e6:.2f} M parameters, {prof.steps} steps in {seconds:.0f} s")
     return res["hypernet"], {"seconds": seconds, "parameters": n_params, "steps": prof.steps,
-                             "final_eval": res.get("final_eval"), "hyper": hcfg.to_dict(), "train": tcfg.to_dict()}
+                             "final_eval": res.get("final_eval"), "hyper": hcfg.to_dict(), "train": tcfg.to_dict(),
+                             "curve": [{k: r[k] for k in ("step", "eval_kl", "eval_agreement", "eval_exact")}
+                                       for r in res["history"] if r.get("kind") == "eval"],
+                             "history": res["history"]}
 
 
 def _f(x, d=3):
@@ -307,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"long documents and needle: {len(long_rows)} rows in {time.perf_counter() - t0:.0f} s")
 
     from model.evaluation.report import write_report
+    from model.training.curves import plot_training
 
     notes = [f"toy model: {folder} ({toy_report.get('parameters')} parameters)",
              f"data: {json.dumps(data_stats)}; held out: held_out_score(doc_id) < {prof.held_out}",
@@ -315,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
              f"CD: {prof.cd_steps} Adam steps, lr {prof.cd_lr}, on half of each document's questions, "
              f"first {prof.cd_docs} held-out documents"]
     paths = write_report(out, res.summary, long, title="doc2lora toy-world benchmark", notes=notes)
+    history = train_stats.pop("history")
+    plot_training(history, out / "learning_curve.png", title=f"toy world, seed {args.seed}: hypernetwork training")
     import pyarrow.parquet as pq
 
     pq.write_table(to_table("eval_results", res.rows + long_rows), out / "eval_results.parquet")
@@ -325,11 +332,17 @@ def main(argv: list[str] | None = None) -> int:
                  threads=args.threads)
     paths["summary"].write_text(json.dumps(saved, indent=1, default=str))
     table = one_table(res.summary, long, prof.cd_steps, smoke=args.smoke)
+    curve = "".join(f"| {r['step']} | {r['eval_kl']:.4f} | {r['eval_agreement']:.3f} | {r['eval_exact']:.3f} |\n"
+                    for r in train_stats["curve"])
     with open(paths["report"], "a") as f:
         f.write("\n## Benchmark table\n\n" + table)
+        if curve:
+            f.write("\n## Learning curve (held-out rows during training; `learning_curve.png`)\n\n"
+                    "| step | KL to teacher | top-1 agreement | answers exact (greedy = teacher) |\n|---|---|---|---|\n"
+                    + curve)
     print()
     print(table)
-    log(f"done: {out} (report.md, results.png, summary.json, eval_results.parquet)")
+    log(f"done: {out} (report.md, results.png, learning_curve.png, summary.json, eval_results.parquet)")
     return 0
 
 

@@ -36,12 +36,14 @@ def evaluate(
     ``eval_ce``: the distillation cross-entropy (as the loss: per answer, then per document);
     ``eval_kl``: KL(p_T || q_S) over the teacher's top-k (``sum_k p log p - sum_k p log q``; the mass
     outside the top-k is dropped as in the loss), averaged the same way; ``eval_agreement``: the share of
-    answer tokens where the student's argmax is the teacher's top-1 token.
+    answer tokens where the student's argmax is the teacher's top-1 token; ``eval_exact``: the share of answers
+    where it is at every answer token (teacher-forced, so exactly the answers whose greedy decoding would
+    reproduce the teacher's answer: the held-out exact match against the teacher, at no decoding cost).
     """
     was = net.training
     net.eval()
     per_doc: dict[Any, list[tuple[float, float]]] = {}
-    agree = tokens = answers = 0
+    agree = tokens = answers = exact = 0
     try:
         for tb in batches:
             with autocast():
@@ -54,7 +56,9 @@ def evaluate(
             ent_ans = ent_tok.sum(1) / mask.sum(1).clamp(min=1)
             sel = answer_logits(logits.float(), scored["answer_start"], mask.shape[1])
             top1 = b["topk_ids"].to(logits.device).gather(-1, lp.argmax(-1, keepdim=True))[..., 0]
-            agree += int(((sel.argmax(-1) == top1) & mask).sum())
+            hit = (sel.argmax(-1) == top1) & mask
+            agree += int(hit.sum())
+            exact += int((hit | ~mask).all(-1).sum())
             tokens += int(mask.sum())
             for i in range(len(b["sample_ids"])):
                 doc = b["doc_ids"][int(b["doc_index"][i])]
@@ -68,6 +72,7 @@ def evaluate(
         "eval_ce": sum(c for c, _ in docs) / max(1, len(docs)),
         "eval_kl": sum(k for _, k in docs) / max(1, len(docs)),
         "eval_agreement": agree / max(1, tokens),
+        "eval_exact": exact / max(1, answers),
         "eval_answers": answers,
         "eval_docs": len(docs),
         "eval_tokens": tokens,

@@ -1,4 +1,4 @@
-"""Pictures people look at: training curves as a PNG."""
+"""Training curves as a PNG: the train stage's `training.png` and the toy benchmark's learning curve."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = 
             axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key)
         ax2 = axes[1].twinx()
         ax2.plot([r["step"] for r in evals], [r["eval_agreement"] for r in evals], "g--", label="top-1 agreement")
+        if all("eval_exact" in r for r in evals):
+            ax2.plot([r["step"] for r in evals], [r["eval_exact"] for r in evals], "m-", marker=".",
+                     label="answers exact (greedy = teacher)")
+        ax2.legend(loc="center right", fontsize=8)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("agreement")
     axes[1].set_xlabel("step")
