@@ -32,6 +32,7 @@ class HyperSettings(BaseModel):
     head_mlp_ratio: int = Field(1, ge=1)
     head_init_gain: float = Field(0.5, ge=0)
     scale_b_init: float = Field(0.0, ge=0, description="Initial per-rank scale of B (0: exactly zero update).")
+    scale_b_zero_fraction: float = Field(0.0, ge=0, le=1, description="Share of rank slots whose B scale starts at 0.")
     l1_weight: float = Field(0.1, ge=0, description="L1 penalty on the generated A and B.")
     merge: Literal["concat", "mean"] = Field("concat", description="How several chunks' LoRAs combine.")
 

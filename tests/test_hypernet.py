@@ -205,7 +205,7 @@ def test_rank_slots_feed_the_heads_directly():
     depends on the context."""
     model = tiny("lfm2")
     with pytest.raises(ValueError, match="rank_slots"):
-        tiny_hyper(model, ["w2", "out_proj"], rank_slots=True)  # 4 latents for 3 kinds (w2, 2 out_proj) x rank 4
+        tiny_hyper(model, ["w2", "out_proj"], rank_slots=True, latent_count=5)  # neither 3 kinds x rank 4 nor rank 4
     net = tiny_hyper(model, ["w2", "out_proj"], rank_slots=True, latent_count=12)
     assert net.decoder is None and not any(n.startswith(("decoder", "queries")) for n, _ in net.named_parameters())
     ids, mask = batch_ids()
@@ -222,3 +222,32 @@ def test_rank_slots_feed_the_heads_directly():
         ad = net(feats, mask)
     name = next(iter(ad.loras))
     assert not torch.allclose(ad.loras[name].B[0], ad.loras[name].B[1])  # two contexts, two adapters
+
+
+def test_shared_rank_slots_write_every_kind_from_one_latent():
+    """rank_slots with latent_count = rank: one latent per rank slot feeds every kind's head, so a second
+    target kind adds heads but no latent; a latent's change moves that slot of every kind (the others only
+    through the latents' attention to each other)."""
+    model = tiny("lfm2")
+    one = tiny_hyper(model, ["w2"], rank_slots=True, latent_count=4, scale_b_init=0.5)
+    two = tiny_hyper(model, ["w2", "w1"], rank_slots=True, latent_count=4, scale_b_init=0.5)
+    assert one.latents.shape == two.latents.shape == (4, 16)
+    ids, mask = batch_ids()
+    feats = encode_context(model, ids, mask, two.config.layer_indices)
+    before = two(feats, mask).loras
+    with torch.no_grad():  # latent 1 moved: rank slot 1 of w1 and w2 changes in every layer, far more than the others
+        two.latents[1] += 1.0
+    after = two(feats, mask).loras
+    assert {n.rsplit(".", 1)[-1] for n in after} == {"w1", "w2"}
+    for name in after:
+        moved = (after[name].A - before[name].A).abs().amax(dim=(0, 2))  # per rank slot
+        assert moved[1] > 1e-3 and moved[1] > 100 * moved[[0, 2, 3]].max(), (name, moved)
+
+
+def test_scale_b_zero_fraction_starts_those_slots_at_zero():
+    model = tiny("lfm2")
+    net = tiny_hyper(model, ["w2"], rank_slots=True, scale_b_init=0.1, scale_b_zero_fraction=0.5)
+    for p in net.scale_B.values():
+        assert torch.equal(p[:, :2], torch.full_like(p[:, :2], 0.1)) and torch.equal(p[:, 2:], torch.zeros_like(p[:, 2:]))
+    with pytest.raises(ValueError, match="scale_b_zero_fraction"):
+        HyperConfig(scale_b_zero_fraction=1.5)

@@ -53,6 +53,9 @@ class HyperConfig:
     # decoder (one query per rank attending to the latents) is the default; on the toy world the slots
     # learned where it did not (4 facts per document: exact match 0.66 vs 0.13 at 1,000 steps).
     rank_slots: bool = False
+    # with rank_slots, latent_count may also equal the rank alone: latent i is rank slot i of EVERY target kind
+    # of its layer (one latent writes A and B of slot i on w1 and w2 alike), so adding a target module adds
+    # heads, not latents.
     mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units
     head_mlp_layers: int = 1  # per-layer residual MLP blocks before the heads
     head_mlp_ratio: int = 1
@@ -61,6 +64,9 @@ class HyperConfig:
     # exactly zero at initialisation -- but then the heads get no gradient until the scalars move, and on
     # a small base model they may never do (a zero saddle). > 0 starts with a small random update.
     scale_b_init: float = 0.0
+    # the share of rank slots whose B scale starts at 0 whatever scale_b_init says (the last ones): the update
+    # starts smaller, and those slots start on the gradient path of A and the heads like the reference's
+    scale_b_zero_fraction: float = 0.0
     # -- training / use
     l1_weight: float = 0.1  # L1 penalty on the generated A and B
     merge: str = "concat"  # chunk LoRAs: "concat" (sum of updates, reference) or "mean" (each scaled 1/n)
@@ -79,6 +85,8 @@ class HyperConfig:
         self.merge = merge_mode(self.merge)
         if self.feature_positions not in ("none", "sinusoidal"):
             raise ValueError(f"feature_positions must be 'none' or 'sinusoidal', got {self.feature_positions!r}")
+        if not 0.0 <= self.scale_b_zero_fraction <= 1.0:
+            raise ValueError(f"scale_b_zero_fraction must be in [0, 1], got {self.scale_b_zero_fraction}")
         if self.latent_dim % self.heads:
             raise ValueError(f"latent_dim={self.latent_dim} must be divisible by heads={self.heads}")
 

@@ -107,9 +107,9 @@ class HyperNetwork(nn.Module):
         self.latents = nn.Parameter(torch.randn(cfg.latent_count, d) * 0.02)
         self.blocks = nn.ModuleList(CrossBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         if cfg.rank_slots:  # the latents are the (kind, rank) slots: no decoder
-            if cfg.latent_count != len(self.kinds) * r:
-                raise ValueError(f"rank_slots needs latent_count = target kinds x rank = {len(self.kinds)} x {r}, "
-                                 f"got {cfg.latent_count}")
+            if cfg.latent_count not in (len(self.kinds) * r, r):
+                raise ValueError(f"rank_slots needs latent_count = target kinds x rank = {len(self.kinds)} x {r} (a "
+                                 f"slot per kind) or = rank = {r} (a slot shared by the kinds), got {cfg.latent_count}")
             self.queries, self.decoder = None, None
         else:
             self.queries = nn.Parameter(torch.randn(n_layers, len(self.kinds) * r, d) * 0.02)
@@ -127,7 +127,9 @@ class HyperNetwork(nn.Module):
             std = cfg.head_init_gain / math.sqrt(d + d_io * r)
             self.heads[key] = nn.Parameter(torch.randn(n_k, d, d_io) * std)
             self.scale_A[key] = nn.Parameter(torch.ones(n_k, r))
-            self.scale_B[key] = nn.Parameter(torch.full((n_k, r), float(cfg.scale_b_init)))
+            scale_b = torch.full((n_k, r), float(cfg.scale_b_init))
+            scale_b[:, r - round(cfg.scale_b_zero_fraction * r):] = 0.0
+            self.scale_B[key] = nn.Parameter(scale_b)
             self.bias_A[key] = nn.Parameter(torch.randn(n_k, r, spec["in"]) * (0.2 / math.sqrt(spec["in"] * r)))
             self.bias_B[key] = nn.Parameter(torch.zeros(n_k, spec["out"], r))
             self.register_buffer(f"pos_{key}", torch.tensor([pos[i] for i in spec["layers"]]), persistent=False)
@@ -160,9 +162,10 @@ class HyperNetwork(nn.Module):
         lat = (self.latents[None] + self.layer_emb[:, None]).repeat(b, 1, 1)  # [(b l), n_lat, d]
         for block in self.blocks:
             lat = block(lat, x, m)
-        q = lat if self.decoder is None else self.decoder(self.queries.repeat(b, 1, 1), lat)  # [(b l), K*r, d]
-        q = self.head_mlp(q.view(b, n_layers, len(self.kinds) * r, -1))
-        q = F.normalize(q, dim=-1).view(b, n_layers, len(self.kinds), r, -1)
+        q = lat if self.decoder is None else self.decoder(self.queries.repeat(b, 1, 1), lat)  # [(b l), K*r or r, d]
+        q = self.head_mlp(q.view(b, n_layers, q.shape[1], -1))
+        q = F.normalize(q, dim=-1).view(b, n_layers, -1, r, q.shape[-1])
+        q = q.expand(b, n_layers, len(self.kinds), r, q.shape[-1])  # shared slots: one latent for every kind
         loras: dict[str, LoRA] = {}
         for k, kind in enumerate(self.kinds):
             key, spec = self._key(kind), cfg.kinds[kind]

@@ -64,6 +64,7 @@ class Profile:
     feature_positions: str = "none"  # HyperConfig.feature_positions
     rank_slots: bool = True  # HyperConfig.rank_slots (the reference's decoder did not learn 4+ facts here)
     scale_b_init: float = 0.1  # HyperConfig.scale_b_init (0: the reference's exactly-zero start)
+    scale_b_zero_fraction: float = 0.0  # HyperConfig.scale_b_zero_fraction (0.5: half of B's slots start at 0)
     alpha: float = 0.0  # HyperConfig.alpha, the direct scale on B @ A; 0: its default 2 * rank ** 1.5
     min_lr_ratio: float = 0.05  # the cosine's floor as a fraction of lr (1: constant after the warmup)
     # extra training documents with fewer facts, (entities, relations per entity) each, prof.docs of every
@@ -140,7 +141,8 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
     hcfg = HyperConfig(target_modules=list(prof.targets), rank=prof.rank, latent_dim=prof.latent_dim,
                        latent_count=prof.latent_count, depth=prof.depth, heads=prof.heads, mlp_ratio=2,
                        feature_positions=prof.feature_positions, rank_slots=prof.rank_slots,
-                       scale_b_init=prof.scale_b_init, alpha=prof.alpha or None)
+                       scale_b_init=prof.scale_b_init, scale_b_zero_fraction=prof.scale_b_zero_fraction,
+                       alpha=prof.alpha or None)
     tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr * prof.min_lr_ratio, warmup_steps=prof.warmup, total_steps=prof.steps,
                        batch_size=prof.batch_size, multi_chunk=prof.multi_chunk, eval_every=prof.eval_every,
                        eval_at_start=False, eval_batches=4, checkpoint_every=0, log_every=10, seed=0,
