@@ -149,7 +149,7 @@ def bench(name: str, model, tok, hyper: HyperConfig, args, tmp: Path) -> dict:
     net = HyperNetwork(hcfg).to(device)
     cfg = TrainConfig(total_steps=10**6, warmup_steps=0, batch_size=args.batch_size)
     opt, _ = build_optimizer(net, cfg)
-    encoder = ContextEncoder(model, tok, hcfg.layer_indices)
+    encoder = ContextEncoder.for_config(model, tok, hcfg)
 
     def hyper_step(tb=tb):
         with autocast():

@@ -43,7 +43,7 @@ def measure(model, tok, rows, targets: list[str], alpha: float, scale_b_init: fl
     ratios: dict[str, list[float]] = {}
     handles = []
     with torch.no_grad():
-        _, merged = batch_adapters(net, ContextEncoder(model, tok, hcfg.layer_indices), tb, "concat")
+        _, merged = batch_adapters(net, ContextEncoder.for_config(model, tok, hcfg), tb, "concat")
         base_logits, _ = student_logits(model, tb.batch)
         for name in merged.loras:
             mod = model.get_submodule(name)

@@ -26,6 +26,7 @@ class HyperSettings(BaseModel):
     depth: int = Field(1, ge=1, description="Cross-attention blocks of the encoder.")
     heads: int = Field(4, ge=1, description="Attention heads (must divide latent_dim).")
     feature_positions: Literal["none", "sinusoidal"] = "none"
+    feature_source: Literal["input", "output"] = Field("input", description="Hidden state entering or leaving each read layer.")
     rank_slots: bool = Field(False, description="The latents are the rank slots (no decoder).")
     mlp_ratio: int = Field(4, ge=1)
     head_mlp_layers: int = Field(1, ge=0)

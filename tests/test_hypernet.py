@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.hypernet.lora import apply_adapter, merge_chunks
-from model.hypernet.encoder import encode_context
+from model.hypernet.encoder import ContextEncoder, encode_context
 from model.training.loss import collate_samples, distill_loss, topk_token_loss
 from model.hypernet.config import HyperConfig, pattern_matches
 from model.hypernet.network import HyperNetwork
@@ -251,3 +251,21 @@ def test_scale_b_zero_fraction_starts_those_slots_at_zero():
         assert torch.equal(p[:, :2], torch.full_like(p[:, :2], 0.1)) and torch.equal(p[:, 2:], torch.zeros_like(p[:, 2:]))
     with pytest.raises(ValueError, match="scale_b_zero_fraction"):
         HyperConfig(scale_b_zero_fraction=1.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "lfm2"])
+def test_output_features_are_hidden_states_leaving_each_layer(arch):
+    """feature_source "output": the hidden state leaving block l (output_hidden_states[l + 1] for a block
+    before the last, whose hidden state HF returns after the final norm); the encoder built from a config
+    reads that source."""
+    model = tiny(arch)
+    ids, mask = batch_ids()
+    hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    feats = encode_context(model, ids, mask, [0], source="output")
+    assert torch.allclose(feats[:, 0], hs[1], atol=1e-6)
+    assert not torch.allclose(feats[:, 0], encode_context(model, ids, mask, [0])[:, 0])
+    cfg = HyperConfig(target_modules=PATTERNS[arch], feature_source="output").resolve(model)
+    enc = ContextEncoder.for_config(model, None, cfg)
+    assert enc.source == "output"
+    with pytest.raises(ValueError, match="feature_source"):
+        HyperConfig(feature_source="middle")

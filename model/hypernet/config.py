@@ -48,6 +48,9 @@ class HyperConfig:
     # before the input projection, so that latents can tell one passage's tokens from another's by place
     # as well as by content. "none": content only (the reference).
     feature_positions: str = "none"
+    # which hidden state of each read layer feeds the hypernetwork: "input" = entering the block (the
+    # reference; block 0 reads the bare embeddings), "output" = leaving it (every layer read in context)
+    feature_source: str = "input"
     # True: the latents ARE the rank slots (latent_count = target kinds x rank): each latent's state after the
     # encoder blocks feeds its (kind, rank) head directly, with no decoder in between. The reference's
     # decoder (one query per rank attending to the latents) is the default; on the toy world the slots
@@ -85,6 +88,8 @@ class HyperConfig:
         self.merge = merge_mode(self.merge)
         if self.feature_positions not in ("none", "sinusoidal"):
             raise ValueError(f"feature_positions must be 'none' or 'sinusoidal', got {self.feature_positions!r}")
+        if self.feature_source not in ("input", "output"):
+            raise ValueError(f"feature_source must be 'input' or 'output', got {self.feature_source!r}")
         if not 0.0 <= self.scale_b_zero_fraction <= 1.0:
             raise ValueError(f"scale_b_zero_fraction must be in [0, 1], got {self.scale_b_zero_fraction}")
         if self.latent_dim % self.heads:

@@ -1,9 +1,12 @@
 """Context encoder: the frozen base model reads a (chat-wrapped) chunk; its per-layer inputs are the features.
 
-The feature of layer ``l`` is the hidden state *entering* decoder block ``l`` -- the embeddings for block 0,
-the output of block ``l-1`` otherwise; the same tensors as ``output_hidden_states[l]`` for ``l < L``. We
-capture them with forward pre-hooks on the blocks and stop the forward pass right after the last block we
-need, so no later block and no LM head (vocab-sized logits) is computed.
+The feature of layer ``l`` is, by default (``HyperConfig.feature_source = "input"``, the reference's choice), the
+hidden state *entering* decoder block ``l`` -- the embeddings for block 0, the output of block ``l-1``
+otherwise; the same tensors as ``output_hidden_states[l]`` for ``l < L``. With ``"output"`` it is the hidden
+state *leaving* block ``l`` (``output_hidden_states[l + 1]`` before the final norm): every layer's latents
+then read tokens that have already seen their context -- on a 2-layer model the "input" of block 0 is the
+bare token embeddings. We capture them with forward (pre-)hooks on the blocks and stop the forward pass
+right after the last block we need, so no later block and no LM head (vocab-sized logits) is computed.
 
 Texts are wrapped as the reference does (and exactly as the chunk stage does, ``model/text/chunking.py``):
 the chat template's user turn around the text, plus the generation prompt.
@@ -43,11 +46,15 @@ def encode_context(
     attention_mask: Tensor | None,
     layer_indices: Sequence[int],
     dtype: torch.dtype | None = None,
+    source: str = "input",
 ) -> Tensor:
-    """Features [batch, len(layer_indices), ctx, hidden] of the hidden states entering those blocks.
+    """Features [batch, len(layer_indices), ctx, hidden] of the hidden states entering (`source` "input") or
+    leaving ("output") those blocks.
 
     Run it with no adapter applied to `base_model` (the encoder is the frozen base model).
     """
+    if source not in ("input", "output"):
+        raise ValueError(f"feature source must be 'input' or 'output', got {source!r}")
     _, blocks = find_layers(base_model)
     wanted = {int(i): k for k, i in enumerate(layer_indices)}
     last = max(wanted)
@@ -64,8 +71,19 @@ def encode_context(
 
         return pre
 
+    def make_post(i):
+        def post(mod, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            if i in wanted:
+                captured[i] = h.detach() if dtype is None else h.detach().to(dtype)
+            if i == last:
+                raise _Stop
+
+        return post
+
     for i in range(last + 1):
-        handles.append(blocks[i].register_forward_pre_hook(make_pre(i), with_kwargs=True))
+        handles.append(blocks[i].register_forward_pre_hook(make_pre(i), with_kwargs=True) if source == "input"
+                       else blocks[i].register_forward_hook(make_post(i)))
     was_training = base_model.training
     base_model.eval()
     try:
@@ -85,11 +103,18 @@ def encode_context(
 class ContextEncoder:
     """Tokenise / wrap / encode documents with a frozen base model for a resolved HyperConfig."""
 
-    def __init__(self, base_model: nn.Module, tokenizer, layer_indices: Sequence[int], dtype=None):
+    def __init__(self, base_model: nn.Module, tokenizer, layer_indices: Sequence[int], dtype=None,
+                 source: str = "input"):
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.layer_indices = list(layer_indices)
         self.dtype = dtype
+        self.source = source
+
+    @classmethod
+    def for_config(cls, base_model: nn.Module, tokenizer, config, dtype=None) -> "ContextEncoder":
+        """The encoder a resolved HyperConfig reads: its layers and its feature source."""
+        return cls(base_model, tokenizer, config.layer_indices, dtype, getattr(config, "feature_source", "input"))
 
     @property
     def pad_id(self) -> int:
@@ -104,7 +129,7 @@ class ContextEncoder:
         device = next(self.base_model.parameters()).device
         ids, mask = pad_right(chunks, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        return encode_context(self.base_model, ids, mask, self.layer_indices, self.dtype), mask
+        return encode_context(self.base_model, ids, mask, self.layer_indices, self.dtype, self.source), mask
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Features and mask for chunk texts, each wrapped as a user turn."""

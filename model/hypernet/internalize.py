@@ -59,7 +59,7 @@ def internalize(
     merge: str | None = None,
 ) -> Adapter:
     """One document -> its adapter (batch of one, rank (n_chunks + 1) * r), detached, on the hypernet's device."""
-    encoder = ContextEncoder(base_model, tokenizer, hypernet.config.layer_indices)
+    encoder = ContextEncoder.for_config(base_model, tokenizer, hypernet.config)
     chunks = chunk_document(tokenizer, document, chunk_max_tokens)
     was_training = hypernet.training
     hypernet.eval()

@@ -35,7 +35,7 @@ class Internalizer:
         self.tokenizer = load_tokenizer(model_dir)
         self.base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.hypernet = load_hypernet(checkpoint_dir).eval()
-        self.encoder = ContextEncoder(self.base, self.tokenizer, self.hypernet.config.layer_indices)
+        self.encoder = ContextEncoder.for_config(self.base, self.tokenizer, self.hypernet.config)
         self.chunk_max_tokens = chunk_max_tokens
         self.merge = merge or self.hypernet.config.merge
         self.batch_size = batch_size

@@ -206,7 +206,7 @@ def prepare(base_model: nn.Module, tokenizer, hyper_cfg: HyperConfig | Mapping[s
     net = net.to(device).train()
     opt, sched = build_optimizer(net, cfg)
     return Run(cfg=cfg, hcfg=hcfg, base_model=base_model, net=net, opt=opt, sched=sched,
-               encoder=ContextEncoder(base_model, tokenizer, hcfg.layer_indices), order=order,
+               encoder=ContextEncoder.for_config(base_model, tokenizer, hcfg), order=order,
                micro_batch=micro_batch, eval_batches=eval_tbs, out_dir=out_dir, dist=dist,
                merge=cfg.merge or hcfg.merge, l1_weight=hcfg.l1_weight if cfg.l1_weight is None else cfg.l1_weight,
                use_bf16=bool(cfg.bf16 and device.type == "cuda"), on_metrics=on_metrics)
