@@ -28,6 +28,7 @@ class HyperSettings(BaseModel):
     feature_positions: Literal["none", "sinusoidal"] = "none"
     feature_source: Literal["input", "output"] = Field("input", description="Hidden state entering or leaving each read layer.")
     rank_slots: bool = Field(False, description="The latents are the rank slots (no decoder).")
+    slot_attention: bool = Field(False, description="The latents compete for the context's tokens.")
     mlp_ratio: int = Field(4, ge=1)
     head_mlp_layers: int = Field(1, ge=0)
     head_mlp_ratio: int = Field(1, ge=1)

@@ -59,6 +59,8 @@ class HyperConfig:
     # with rank_slots, latent_count may also equal the rank alone: latent i is rank slot i of EVERY target kind
     # of its layer (one latent writes A and B of slot i on w1 and w2 alike), so adding a target module adds
     # heads, not latents.
+    # the encoder's latents compete for the context's tokens (slot attention: softmax over the latents)
+    slot_attention: bool = False
     mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units
     head_mlp_layers: int = 1  # per-layer residual MLP blocks before the heads
     head_mlp_ratio: int = 1

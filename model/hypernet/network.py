@@ -51,11 +51,15 @@ class SwiGLU(nn.Module):
 
 
 class CrossBlock(nn.Module):
-    """Pre-norm cross-attention (queries attend to [context; queries]) + SwiGLU MLP, both residual."""
+    """Pre-norm cross-attention (queries attend to [context; queries]) + SwiGLU MLP, both residual.
 
-    def __init__(self, d: int, heads: int, mlp_ratio: int):
+    ``compete``: slot attention (Locatello et al., 2020) -- each key's weights are a softmax over the QUERIES,
+    then every query takes the weighted mean of the keys it won; the latents compete for the context's
+    tokens instead of each attending wherever it likes, so two rank slots are pushed off the same fact."""
+
+    def __init__(self, d: int, heads: int, mlp_ratio: int, compete: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.compete = heads, compete
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.q, self.kv, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, 2 * d, bias=False), nn.Linear(d, d)
         self.mlp = SwiGLU(d, mlp_ratio * d, d)
@@ -70,7 +74,13 @@ class CrossBlock(nn.Module):
         if ctx_mask is not None:
             keep = torch.cat([ctx_mask.bool(), ctx_mask.new_ones(n, lq).bool()], dim=1)
             mask = keep[:, None, None, :]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.compete:
+            w = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-2)  # over the queries
+            if mask is not None:
+                w = w * mask
+            att = (w / (w.sum(-1, keepdim=True) + 1e-6)) @ v
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.o(att.transpose(1, 2).reshape(n, lq, d))
         return x + self.mlp(self.norm_mlp(x))
 
@@ -105,7 +115,7 @@ class HyperNetwork(nn.Module):
         self.in_proj = SwiGLU(cfg.hidden_size, d, d)
         self.layer_emb = nn.Parameter(torch.randn(n_layers, d) * 0.02)
         self.latents = nn.Parameter(torch.randn(cfg.latent_count, d) * 0.02)
-        self.blocks = nn.ModuleList(CrossBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(CrossBlock(d, cfg.heads, cfg.mlp_ratio, cfg.slot_attention) for _ in range(cfg.depth))
         if cfg.rank_slots:  # the latents are the (kind, rank) slots: no decoder
             if cfg.latent_count not in (len(self.kinds) * r, r):
                 raise ValueError(f"rank_slots needs latent_count = target kinds x rank = {len(self.kinds)} x {r} (a "

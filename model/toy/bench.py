@@ -63,6 +63,7 @@ class Profile:
     heads: int = 1
     feature_positions: str = "none"  # HyperConfig.feature_positions
     feature_source: str = "input"  # HyperConfig.feature_source
+    slot_attention: bool = False  # HyperConfig.slot_attention
     rank_slots: bool = True  # HyperConfig.rank_slots (the reference's decoder did not learn 4+ facts here)
     scale_b_init: float = 0.1  # HyperConfig.scale_b_init (0: the reference's exactly-zero start)
     scale_b_zero_fraction: float = 0.0  # HyperConfig.scale_b_zero_fraction (0.5: half of B's slots start at 0)
@@ -142,7 +143,7 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
     hcfg = HyperConfig(target_modules=list(prof.targets), rank=prof.rank, latent_dim=prof.latent_dim,
                        latent_count=prof.latent_count, depth=prof.depth, heads=prof.heads, mlp_ratio=2,
                        feature_positions=prof.feature_positions, feature_source=prof.feature_source,
-                       rank_slots=prof.rank_slots,
+                       rank_slots=prof.rank_slots, slot_attention=prof.slot_attention,
                        scale_b_init=prof.scale_b_init, scale_b_zero_fraction=prof.scale_b_zero_fraction,
                        alpha=prof.alpha or None)
     tcfg = TrainConfig(lr=prof.lr, min_lr=prof.lr * prof.min_lr_ratio, warmup_steps=prof.warmup, total_steps=prof.steps,
