@@ -269,3 +269,23 @@ def test_output_features_are_hidden_states_leaving_each_layer(arch):
     assert enc.source == "output"
     with pytest.raises(ValueError, match="feature_source"):
         HyperConfig(feature_source="middle")
+
+
+def test_slot_attention_ignores_padding_and_makes_latents_compete():
+    """slot_attention: padding after the chunk changes nothing; each context token's weights sum to 1 over the
+    latents (the competition), so the adapter differs from plain attention's with the same weights."""
+    from model.hypernet.network import CrossBlock
+
+    torch.manual_seed(0)
+    block = CrossBlock(16, 2, 2, compete=True)
+    x, ctx = torch.randn(1, 4, 16), torch.randn(1, 5, 16)
+    padded = torch.cat([ctx, torch.randn(1, 3, 16)], dim=1)
+    out = block(x, ctx, torch.ones(1, 5, dtype=torch.long))
+    assert torch.allclose(out, block(x, padded, torch.tensor([[1] * 5 + [0] * 3])), atol=1e-5)
+    block.compete = False
+    assert not torch.allclose(out, block(x, ctx, torch.ones(1, 5, dtype=torch.long)), atol=1e-4)
+    model = tiny("lfm2")
+    net = tiny_hyper(model, ["w2"], rank_slots=True, slot_attention=True, scale_b_init=0.5)
+    ids, mask = batch_ids()
+    ad = net(encode_context(model, ids, mask, net.config.layer_indices), mask)
+    assert all(torch.isfinite(lo.A).all() and torch.isfinite(lo.B).all() for lo in ad.loras.values())
