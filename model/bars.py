@@ -20,6 +20,19 @@ def bars_enabled(requested: bool = True) -> bool:
         return False
 
 
+def library_bars_follow_terminal() -> None:
+    """Hugging Face's own bars ("Loading weights", "Writing model shards") obey the same rule: off when stderr
+    is not a terminal or TQDM_DISABLE is set (HF_HUB_DISABLE_PROGRESS_BARS, read when transformers loads; the
+    caller's own setting wins)."""
+    if bars_enabled():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def progress_bar(iterable=None, *, progress: bool = True, **kwargs):
     """`tqdm(iterable, **kwargs)`, disabled unless `bars_enabled(progress)`."""
     from tqdm.auto import tqdm

@@ -118,6 +118,22 @@ def test_progress_bars_only_on_a_terminal():
     assert piped.stdout == "False"
 
 
+def test_hugging_face_loading_bars_stay_out_of_logs(toy_model_dir):
+    """Loading a model through the project (stderr piped, as in a log file or a Prefect worker) prints no
+    "Loading weights" bar; on a terminal it would."""
+    code = ("import model, sys; from transformers import AutoModelForCausalLM; "
+            f"AutoModelForCausalLM.from_pretrained({str(toy_model_dir)!r})")
+    env = subprocess_env(None)
+    env.pop("TQDM_DISABLE", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    piped = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "Loading weights" not in piped.stderr, piped.stderr[-2000:]
+    bare = subprocess.run([sys.executable, "-c", code.replace("import model, sys; ", "")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "Loading weights" in bare.stderr  # transformers alone draws it: the test can fail
+
+
 def test_adapters_folder_is_git_ignored():
     proc = subprocess.run(["git", "check-ignore", "-q", "adapters/my_doc/adapter_model.safetensors"], cwd=REPO)
     assert proc.returncode == 0
