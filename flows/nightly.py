@@ -247,4 +247,4 @@ def nightly_refresh_flow(
         from prefect.states import Completed
 
         return Completed(name="Skipped", message=f"Skipped: {result['skipped']}", data=result)
-    return final_state(result, cfg.data_loss, logger) or result
+    return final_state(result, cfg.data_loss, logger, cfg.train.optim.use_unfinished) or result

@@ -27,11 +27,11 @@ from tasks.adapters import internalize_task
 STAGES = ("ingest", "chunk", "synthesize", "teacher", "index", "train")
 
 
-def _kept_first(stats: dict[str, Any]) -> None:
+def _kept_first(stats: dict[str, Any], use_unfinished: bool) -> None:
     """Put each stage's kept / dropped numbers first in the run's stats (and so in its summary artifact)."""
     rest = dict(stats)
     stats.clear()
-    for row in kept_rows(rest):
+    for row in kept_rows(rest, use_unfinished):
         share = "-" if row["kept_share"] is None else f"{row['kept_share']:.0%}"
         stats[f"kept {row['stage']}"] = f"{row['kept']} kept, {row['dropped']} dropped ({share} kept)"
     stats.update(rest)
@@ -41,6 +41,7 @@ def _kept_first(stats: dict[str, Any]) -> None:
 def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Any:
     """Run every stage in order under one writer lock; returns each stage's stats."""
     logger = get_run_logger()
+    use_cut = config.train.optim.use_unfinished
     planned = [s for s in STAGES if s in ("ingest", "chunk", "index") or s in config.stages]
     with stage_run(config, "pipeline") as (store, run_id, stats), PipelineProgress(planned, logger) as prog:
         def run(name: str, fn) -> None:
@@ -55,7 +56,7 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Any:
             if "teacher" in config.stages:
                 run("teacher", teacher_flow)
         run("index", index_flow)
-        lost = check_floors(stats, config.data_loss) if "train" in config.stages else []
+        lost = check_floors(stats, config.data_loss, use_cut) if "train" in config.stages else []
         if lost:  # do not spend a training run on a data set a stage above already lost too much of
             logger.warning("train skipped: %s. Mend the stage and rerun, or train on what was kept with "
                            "`d2l train`.", "; ".join(lost))
@@ -68,6 +69,6 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Any:
                     Path(config.demo_document).read_text(), stats["train"]["checkpoint"],
                     str(store.root / "adapters" / "demo"), chunk_max_tokens=config.chunk.max_tokens)
         stats["store"] = str(store.root)
-        _kept_first(stats)
-        state = final_state(stats, config.data_loss, logger)
+        _kept_first(stats, use_cut)
+        state = final_state(stats, config.data_loss, logger, use_cut)
     return state if state is not None else dict(stats)

@@ -61,6 +61,8 @@ class OptimSettings(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm; 0: no clipping.")
     seed: int = 0
     multi_chunk: bool = Field(True, description="Train on documents split into several chunks too.")
+    use_unfinished: bool = Field(True, description="Train on teacher answers cut at teacher.max_new_tokens too.")
+    rows_per_context: int = Field(1, ge=1, description="Questions of one document per micro-batch (encoded once).")
     renormalise: bool = Field(False, description="Divide the teacher's top-k probabilities by their sum.")
     eval_every: int = Field(8, ge=0, description="Held-out evaluation every N steps (0: only at the end).")
     eval_batches: int = Field(2, ge=0, description="Held-out batches per evaluation (0: all).")

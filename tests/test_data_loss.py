@@ -45,10 +45,12 @@ def _warnings(flow_run_id) -> list[str]:
 
 
 def test_teacher_dropping_most_answers_ends_in_data_loss(prefect_server, tmp_path, toy_model_dir):
-    # one answer token: every toy answer ("red .") is cut there (kept with finished=false, but not complete);
-    # train is asked for, and skipped: no training run is spent on a data set the teacher lost
+    # one answer token: every toy answer ("red .") is cut there (kept with finished=false) and training is told
+    # to leave cut answers out, so the teacher kept nothing usable; train is asked for, and skipped: no
+    # training run is spent on a data set the teacher lost
     state = pipeline_flow(toy(tmp_path / "lossy", toy_model_dir, "teacher.max_new_tokens=1",
-                              "stages=[synthesize,teacher,train]"), return_state=True)
+                              "train.optim.use_unfinished=false", "stages=[synthesize,teacher,train]"),
+                          return_state=True)
     assert state.is_completed() and state.name == LOSS_STATE, state
     assert "teacher kept 0 of 16 (0%, 16 unfinished)" in state.message, state.message
     assert "data_loss.teacher=0.5" in state.message and "teacher.max_new_tokens" in state.message
@@ -94,9 +96,15 @@ def test_strict_fails_and_a_healthy_teacher_run_completes(prefect_server, tmp_pa
 
 def test_floors_are_fractions_of_what_each_stage_handled():
     cfg = DataLossConfig()
-    # 26 answers kept, 23 of them cut at max_new_tokens: 3 complete
-    assert check_floors({"teacher": {"samples": 26, "rejects": 0, "unfinished": 23}}, cfg) == [
+    # 26 answers kept, 23 of them cut at max_new_tokens: all usable when training takes cut answers (the
+    # default), 3 when it does not
+    cut = {"teacher": {"samples": 26, "rejects": 0, "unfinished": 23}}
+    assert check_floors(cut, cfg) == []
+    assert check_floors(cut, cfg, use_unfinished=False) == [
         "teacher kept 3 of 26 (12%, 23 unfinished), below the floor data_loss.teacher=0.5; change "
+        "teacher.max_new_tokens (longer answers are cut there), set train.optim.use_unfinished or lower the floor"]
+    assert check_floors({"teacher": {"samples": 10, "rejects": 16, "unfinished": 4}}, cfg) == [
+        "teacher kept 10 of 26 (38%), below the floor data_loss.teacher=0.5; change "
         "teacher.max_new_tokens (longer answers are cut there) or lower the floor"]
     assert check_floors({"teacher": {"samples": 20, "rejects": 6}, "synthesize": {"questions": 26, "rejects": 60}},
                         cfg) == []  # 30% questions kept passes the synthesize floor of 25%

@@ -231,6 +231,21 @@ def one_table(summary: dict, long: dict | None, cd_steps: int, smoke: bool = Fal
     return head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
 
 
+def write_tables(report: Path, summary: dict, long: dict | None, cd_steps: int, curve: list[dict],
+                 smoke: bool) -> str:
+    """Append the benchmark table and the learning curve to report.md; return the table."""
+    table = one_table(summary, long, cd_steps, smoke=smoke)
+    rows = "".join(f"| {r['step']} | {r['eval_kl']:.4f} | {r['eval_agreement']:.3f} | {r['eval_exact']:.3f} |\n"
+                   for r in curve)
+    with open(report, "a") as f:
+        f.write("\n## Benchmark table\n\n" + table)
+        if rows:
+            f.write("\n## Learning curve (held-out rows during training; `learning_curve.png`)\n\n"
+                    "| step | KL to teacher | top-1 agreement | answers exact (greedy = teacher) |\n|---|---|---|---|\n"
+                    + rows)
+    return table
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Profile]:
     """The command line, and the profile it selects (smoke or full) with every override applied."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,15 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                  timings=res.timings, seconds={"data": data_seconds, "total": time.perf_counter() - t_start},
                  threads=args.threads)
     paths["summary"].write_text(json.dumps(saved, indent=1, default=str))
-    table = one_table(res.summary, long, prof.cd_steps, smoke=args.smoke)
-    curve = "".join(f"| {r['step']} | {r['eval_kl']:.4f} | {r['eval_agreement']:.3f} | {r['eval_exact']:.3f} |\n"
-                    for r in train_stats["curve"])
-    with open(paths["report"], "a") as f:
-        f.write("\n## Benchmark table\n\n" + table)
-        if curve:
-            f.write("\n## Learning curve (held-out rows during training; `learning_curve.png`)\n\n"
-                    "| step | KL to teacher | top-1 agreement | answers exact (greedy = teacher) |\n|---|---|---|---|\n"
-                    + curve)
+    table = write_tables(paths["report"], res.summary, long, prof.cd_steps, train_stats["curve"], args.smoke)
     print()
     print(table)
     log(f"done: {out} (report.md, results.png, learning_curve.png, summary.json, eval_results.parquet)")
