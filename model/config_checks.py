@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -25,3 +27,9 @@ def merge_mode(value: str) -> str:
     if value not in MERGE_MODES:
         raise ValueError(f"merge must be one of {MERGE_MODES}, got {value!r}")
     return value
+
+
+def read_config_json(folder_or_file: str | Path, name: str) -> dict[str, Any]:
+    """The JSON object of a config file: `folder_or_file` itself, or `name` inside it when it is a folder."""
+    p = Path(folder_or_file)
+    return json.loads((p / name if p.is_dir() else p).read_text())

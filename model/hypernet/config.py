@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from model.base_models import text_config
-from model.config_checks import from_dict_strict, merge_mode
+from model.config_checks import from_dict_strict, merge_mode, read_config_json
 from storage.fsutil import atomic_write
 
 CONFIG_NAME = "hyper_config.json"
@@ -139,10 +139,7 @@ class HyperConfig:
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> "HyperConfig":
-        p = Path(folder_or_file)
-        if p.is_dir():
-            p = p / CONFIG_NAME
-        return cls.from_dict(json.loads(p.read_text()))
+        return cls.from_dict(read_config_json(folder_or_file, CONFIG_NAME))
 
 
 def pattern_matches(pattern: str, path: str) -> bool:

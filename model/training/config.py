@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config_checks import from_dict_strict, merge_mode
+from model.config_checks import from_dict_strict, merge_mode, read_config_json
 from storage.fsutil import atomic_write
 
 CONFIG_NAME = "train_config.json"
@@ -138,7 +138,4 @@ class TrainConfig:
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> "TrainConfig":
-        p = Path(folder_or_file)
-        if p.is_dir():
-            p = p / CONFIG_NAME
-        return cls.from_dict(json.loads(p.read_text()))
+        return cls.from_dict(read_config_json(folder_or_file, CONFIG_NAME))
