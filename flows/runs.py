@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.exceptions import TerminationSignal
 
 from flows.config import PipelineConfig
 from tasks.common import Store, current_run_id
@@ -71,10 +72,11 @@ def stage_run(config: PipelineConfig, flow: str) -> Iterator[tuple[Store, str, d
         _watch_store(store, stats)
         try:
             yield store, run_id, stats
-        except BaseException:
+        except BaseException as exc:
             stats["seconds"] = round(time.monotonic() - t0, 2)
             _fresh_views(store)
-            store.catalog.finish_run(run_id, "failed", stats)
+            stopped = isinstance(exc, (KeyboardInterrupt, TerminationSignal))  # Ctrl-C, SIGTERM
+            store.catalog.finish_run(run_id, "interrupted" if stopped else "failed", stats)
             raise
         stats["seconds"] = round(time.monotonic() - t0, 2)
         _fresh_views(store)
