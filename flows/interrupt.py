@@ -94,15 +94,8 @@ def mark_interrupted(store: str | Path | None) -> int:
         from tasks.common import Store
 
         st = Store(store, lock_timeout=2.0)
-        lock = st.writer_lock().acquire({"what": "marking interrupted runs"})  # not st.writing(): that marks them crashed
-        try:
-            st.clean_temporary_files()
-            with st.catalog.write() as con:
-                n = con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
-                con.execute("UPDATE runs SET status = 'interrupted', finished = now() WHERE status = 'running'")
-        finally:
-            lock.release()
-        return int(n)
+        with st.writing(dead_runs="interrupted"):  # taking the lock tidies temporary files and marks the runs
+            return st.crashed_runs
     except Exception:  # noqa: BLE001 - best effort (another writer, a busy catalog): the next run copes anyway
         return 0
 

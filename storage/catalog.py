@@ -201,15 +201,16 @@ class Catalog:
                 [_now(), status, json.dumps(stats, default=str), run_id],
             )
 
-    def mark_crashed(self) -> int:
+    def mark_crashed(self, status: str = "crashed") -> int:
         """Runs left `running` by a process that died (call only while holding the store's writer lock: then
-        no run of another process is alive) become `crashed`; returns how many."""
+        no run of another process is alive) get `status` (`crashed`; `interrupted` when the supervisor that
+        stopped them says so); returns how many."""
         if not self.path.exists():
             return 0
         with self.write() as con:
             n = con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
-            con.execute("UPDATE runs SET status = 'crashed', finished = coalesce(finished, ?) "
-                        "WHERE status = 'running'", [_now()])
+            con.execute("UPDATE runs SET status = ?, finished = coalesce(finished, ?) WHERE status = 'running'",
+                        [status, _now()])
         return int(n)
 
     # -- scans and document status (the nightly refresh) --------------------------------------------------

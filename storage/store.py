@@ -49,9 +49,10 @@ class Store:
         return FileLock(self.root / "writer.lock", self.lock_timeout, what="store")
 
     @contextmanager
-    def writing(self, owner: dict | None = None) -> Iterator[None]:
+    def writing(self, owner: dict | None = None, dead_runs: str = "crashed") -> Iterator[None]:
         """Hold the store's writer lock for the block; re-entrant within a process (a flow and its subflows).
-        `owner` says who holds it (written into the lock file, shown to whoever waits for it)."""
+        `owner` says who holds it (written into the lock file, shown to whoever waits for it); runs that dead
+        processes left `running` get the status `dead_runs` when the lock is taken (counted in crashed_runs)."""
         with _held_lock:
             depth = _held.get(self.root, 0)
             _held[self.root] = depth + 1
@@ -61,7 +62,7 @@ class Store:
                 lock = self.writer_lock().acquire(owner)
                 self.clean_temporary_files()
                 try:
-                    self.crashed_runs = self.catalog.mark_crashed()
+                    self.crashed_runs = self.catalog.mark_crashed(dead_runs)
                 except CatalogDamagedError:
                     pass  # every stage then fails with the message naming the rebuild; `index --rebuild` fixes it
             yield

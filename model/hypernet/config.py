@@ -55,10 +55,9 @@ class HyperConfig:
     # encoder blocks feeds its (kind, rank) head directly, with no decoder in between. The reference's
     # decoder (one query per rank attending to the latents) is the default; on the toy world the slots
     # learned where it did not (4 facts per document: exact match 0.66 vs 0.13 at 1,000 steps).
+    # latent_count may also equal the rank alone: latent i is then rank slot i of EVERY target kind of its layer
+    # (one latent writes A and B of slot i on w1 and w2 alike), so adding a target module adds heads, not latents.
     rank_slots: bool = False
-    # with rank_slots, latent_count may also equal the rank alone: latent i is rank slot i of EVERY target kind
-    # of its layer (one latent writes A and B of slot i on w1 and w2 alike), so adding a target module adds
-    # heads, not latents.
     # the encoder's latents compete for the context's tokens (slot attention: softmax over the latents)
     slot_attention: bool = False
     mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units

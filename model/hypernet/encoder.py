@@ -61,25 +61,17 @@ def encode_context(
     captured: dict[int, Tensor] = {}
     handles = []
 
-    def make_pre(i):
-        def pre(mod, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            if i in wanted:
-                captured[i] = h.detach() if dtype is None else h.detach().to(dtype)
-            if i == last:
-                raise _Stop
+    def keep(i: int, h: Tensor) -> None:
+        if i in wanted:
+            captured[i] = h.detach() if dtype is None else h.detach().to(dtype)
+        if i == last:
+            raise _Stop
 
-        return pre
+    def make_pre(i):
+        return lambda mod, args, kwargs: keep(i, args[0] if args else kwargs["hidden_states"])
 
     def make_post(i):
-        def post(mod, args, output):
-            h = output[0] if isinstance(output, (tuple, list)) else output
-            if i in wanted:
-                captured[i] = h.detach() if dtype is None else h.detach().to(dtype)
-            if i == last:
-                raise _Stop
-
-        return post
+        return lambda mod, args, output: keep(i, output[0] if isinstance(output, (tuple, list)) else output)
 
     for i in range(last + 1):
         handles.append(blocks[i].register_forward_pre_hook(make_pre(i), with_kwargs=True) if source == "input"
@@ -114,7 +106,7 @@ class ContextEncoder:
     @classmethod
     def for_config(cls, base_model: nn.Module, tokenizer, config, dtype=None) -> "ContextEncoder":
         """The encoder a resolved HyperConfig reads: its layers and its feature source."""
-        return cls(base_model, tokenizer, config.layer_indices, dtype, getattr(config, "feature_source", "input"))
+        return cls(base_model, tokenizer, config.layer_indices, dtype, config.feature_source)
 
     @property
     def pad_id(self) -> int:
