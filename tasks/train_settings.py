@@ -28,11 +28,13 @@ class HyperSettings(BaseModel):
     latent_dim: int = Field(128, ge=8, description="Width of the Perceiver (the paper-sized network uses 512).")
     depth: int = Field(1, ge=1, description="Cross-attention blocks of the encoder.")
     heads: int = Field(4, ge=1, description="Attention heads (must divide latent_dim).")
-    feature_positions: Literal["none", "sinusoidal"] = "none"
+    feature_positions: Literal["none", "sinusoidal", "projected"] = "none"
     feature_source: Literal["input", "output"] = Field("output", description="Hidden state entering (the reference) or "
                                                        "leaving each read layer (the toy world's winner).")
     rank_slots: bool = Field(False, description="The latents are the rank slots (no decoder).")
     slot_attention: bool = Field(False, description="The latents compete for the context's tokens.")
+    latent_regions: float = Field(0.0, ge=0, description="> 0: latent i starts preferring the i-th of latent_count "
+                                  "equal regions of the chunk (width in regions; the toy world's best: 0.35).")
     mlp_ratio: int = Field(4, ge=1)
     head_mlp_layers: int = Field(1, ge=0)
     head_mlp_ratio: int = Field(1, ge=1)

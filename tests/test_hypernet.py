@@ -172,9 +172,11 @@ def test_loss_decreases_when_training_the_hypernetwork(one_torch_thread):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_feature_positions_count_real_tokens_only():
-    """With sinusoidal feature positions, a chunk's adapter does not depend on how much padding sits after it,
-    and it differs from the content-only hypernetwork's (the positions reach the adapter)."""
+@pytest.mark.parametrize("option", [{"feature_positions": "sinusoidal"}, {"feature_positions": "projected"},
+                                    {"latent_regions": 1.0}])
+def test_feature_positions_count_real_tokens_only(option):
+    """With positions (sinusoidal, projected, or latent regions), a chunk's adapter does not depend on how much
+    padding sits after it, and it differs from the content-only hypernetwork's (the positions reach the adapter)."""
     from model.hypernet.network import sinusoidal_positions
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -182,7 +184,7 @@ def test_feature_positions_count_real_tokens_only():
     assert torch.allclose(pe[0, 2:], pe[1, :3])  # left- or right-padded: the same encodings for the tokens
     model = tiny("lfm2")
     torch.manual_seed(3)
-    net = tiny_hyper(model, ["w2"], feature_positions="sinusoidal", scale_b_init=0.5)
+    net = tiny_hyper(model, ["w2"], scale_b_init=0.5, **option)
     torch.manual_seed(3)
     plain = tiny_hyper(model, ["w2"], scale_b_init=0.5)
     ids = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(5))
@@ -198,6 +200,25 @@ def test_feature_positions_count_real_tokens_only():
         assert not torch.allclose(a[name].A, c[name].A, atol=1e-4)
     with pytest.raises(ValueError, match="feature_positions"):
         HyperConfig(feature_positions="learned")
+
+
+def test_latent_regions_point_each_latent_at_its_own_part_of_the_chunk():
+    """latent_regions: latent i's bias is highest on the i-th region of the real tokens, wherever the padding is;
+    negative widths and the combination with slot attention are refused."""
+    from model.hypernet.network import region_bias
+
+    right = region_bias(torch.tensor([[1] * 8 + [0] * 4]), 4, 1.0)
+    left = region_bias(torch.tensor([[0] * 4 + [1] * 8]), 4, 1.0)
+    assert torch.allclose(right[0, :, :8], left[0, :, 4:])
+    assert right[0, :, :8].argmax(-1).tolist() == [0, 2, 4, 6] or right[0, :, :8].argmax(-1).tolist() == [1, 3, 5, 7]
+    for i in range(4):  # the two tokens of region i score above every token outside it
+        inside = right[0, i, 2 * i : 2 * i + 2]
+        outside = torch.cat([right[0, i, : 2 * i], right[0, i, 2 * i + 2 : 8]])
+        assert inside.min() > outside.max()
+    with pytest.raises(ValueError, match="latent_regions"):
+        HyperConfig(latent_regions=-1.0)
+    with pytest.raises(ValueError, match="latent_regions"):
+        HyperConfig(latent_regions=1.0, slot_attention=True)
 
 
 def test_rank_slots_feed_the_heads_directly():

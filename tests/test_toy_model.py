@@ -97,6 +97,23 @@ def test_chat_template(tokenizer):
         tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
+def test_shared_relations_documents_and_the_benchmark_mix_flag(tmp_path):
+    """shared_relations: every entity of a document has the same relations (so the relation alone never picks
+    the answer); off, relations differ between entities; the benchmark's --train-mix 4x1s asks for it, and a
+    toy model folder's fingerprint is unchanged by the option left off."""
+    from model.toy.bench import parse_args
+
+    shared = generate(50, seed=3, cfg=ToyWorldConfig(entities_per_doc=4, relations_per_entity=1, shared_relations=True))
+    for doc in shared:
+        assert len({r for _, r, _ in doc.facts}) == 1 and len({e for e, _, _ in doc.facts}) == 4
+    plain = generate(50, seed=3, cfg=ToyWorldConfig(entities_per_doc=4, relations_per_entity=1))
+    assert any(len({r for _, r, _ in doc.facts}) > 1 for doc in plain)
+    _, prof = parse_args(["--train-mix", "4x1s", "2x2"])
+    assert prof.train_mix == ((4, 1, 1), (2, 2))
+    assert parse_args(["--train-mix", "none"])[1].train_mix == ()
+    assert "shared_relations" not in ToyTrainConfig().to_dict()["world"]
+
+
 # --- smoke training ----------------------------------------------------------------------------------------
 
 

@@ -46,7 +46,9 @@ class HyperConfig:
     heads: int = 4
     # "sinusoidal": add encodings of each token's position in its chunk to the (RMS-normalised) features
     # before the input projection, so that latents can tell one passage's tokens from another's by place
-    # as well as by content. "none": content only (the reference).
+    # as well as by content. "projected": the same encodings through their own linear map, added after the
+    # input projection. "none": content only (the reference). Both position options were worse on the toy
+    # world than latent_regions (docs/evaluation.md)
     feature_positions: str = "none"
     # which hidden state of each read layer feeds the hypernetwork: "input" = entering the block (the
     # reference; block 0 reads the bare embeddings), "output" = leaving it (every layer read in context)
@@ -60,6 +62,9 @@ class HyperConfig:
     rank_slots: bool = False
     # the encoder's latents compete for the context's tokens (slot attention: softmax over the latents)
     slot_attention: bool = False
+    # > 0: latent i of n starts with a preference for the i-th of n equal regions of the chunk (an additive
+    # attention bias, a Gaussian of this width in region units); 0: latents choose tokens by content alone
+    latent_regions: float = 0.0
     mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units
     head_mlp_layers: int = 1  # per-layer residual MLP blocks before the heads
     head_mlp_ratio: int = 1
@@ -87,12 +92,16 @@ class HyperConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         self.merge = merge_mode(self.merge)
-        if self.feature_positions not in ("none", "sinusoidal"):
-            raise ValueError(f"feature_positions must be 'none' or 'sinusoidal', got {self.feature_positions!r}")
+        if self.feature_positions not in ("none", "sinusoidal", "projected"):
+            raise ValueError(f"feature_positions must be 'none', 'sinusoidal' or 'projected', got "
+                             f"{self.feature_positions!r}")
         if self.feature_source not in ("input", "output"):
             raise ValueError(f"feature_source must be 'input' or 'output', got {self.feature_source!r}")
         if not 0.0 <= self.scale_b_zero_fraction <= 1.0:
             raise ValueError(f"scale_b_zero_fraction must be in [0, 1], got {self.scale_b_zero_fraction}")
+        if self.latent_regions < 0 or (self.latent_regions and self.slot_attention):
+            raise ValueError(f"latent_regions must be >= 0 and cannot be combined with slot_attention, got "
+                             f"{self.latent_regions}")
         if self.latent_dim % self.heads:
             raise ValueError(f"latent_dim={self.latent_dim} must be divisible by heads={self.heads}")
 

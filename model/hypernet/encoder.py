@@ -77,7 +77,8 @@ def encode_context(
         handles.append(blocks[i].register_forward_pre_hook(make_pre(i), with_kwargs=True) if source == "input"
                        else blocks[i].register_forward_hook(make_post(i)))
     was_training = base_model.training
-    base_model.eval()
+    if was_training:  # .eval() walks every module: only when needed (it is most of a toy model's overhead)
+        base_model.eval()
     try:
         base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
@@ -85,7 +86,8 @@ def encode_context(
     finally:
         for h in handles:
             h.remove()
-        base_model.train(was_training)
+        if was_training:
+            base_model.train()
     missing = set(wanted) - set(captured)
     if missing:
         raise RuntimeError(f"decoder layers {sorted(missing)} were not reached")

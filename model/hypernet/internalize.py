@@ -62,9 +62,11 @@ def internalize(
     encoder = ContextEncoder.for_config(base_model, tokenizer, hypernet.config)
     chunks = chunk_document(tokenizer, document, chunk_max_tokens)
     was_training = hypernet.training
-    hypernet.eval()
+    if was_training:
+        hypernet.eval()
     try:
         with torch.no_grad():
             return adapters_from_chunks(hypernet, encoder, [chunks], merge).detach()
     finally:
-        hypernet.train(was_training)
+        if was_training:
+            hypernet.train()

@@ -5,7 +5,9 @@ Shapes: features ``[B, L, T, H]`` (L = the config's ``layer_indices``), mask ``[
 1. RMS-normalise the features, SwiGLU-project them H -> D (``latent_dim``), add a learned per-layer
    embedding. Layers are folded into the batch: every layer is read by the same weights.
 2. ``latent_count`` learned latents (+ the layer embedding) cross-attend to their layer's features in
-   ``depth`` pre-norm blocks (keys/values = features and latents, so an empty chunk cannot give NaN).
+   ``depth`` pre-norm blocks (keys/values = features and latents, so an empty chunk cannot give NaN). With
+   ``latent_regions`` > 0 an additive bias points latent i at the i-th of ``latent_count`` equal regions of
+   the chunk (``region_bias``): content alone made the latents gather every fact of one relation.
 3. Decoder: one learned query per (layer, kind, rank) cross-attends to its layer's latents (with
    ``rank_slots`` there is no decoder: latent i of a layer is that layer's (kind, rank) slot i).
 4. A small per-layer residual MLP, L2 normalisation of each rank embedding, then a per-(layer, kind)
@@ -26,6 +28,18 @@ from torch import Tensor, nn
 
 from model.hypernet.lora import Adapter, LoRA
 from model.hypernet.config import HyperConfig
+
+
+def region_bias(mask: Tensor, n_latents: int, width: float) -> Tensor:
+    """[B, T] mask -> [B, n_latents, T] additive attention bias: latent i prefers the i-th of n_latents equal
+    regions of the real tokens, -((p - c_i) / (width / n_latents))^2 / 2 for a token at relative place p in (0, 1)
+    and the region's centre c_i (a Gaussian in log space; padding on either side shifts nothing)."""
+    m = mask.float()
+    n = m.sum(-1, keepdim=True).clamp(min=1.0)
+    p = ((m.cumsum(-1) - 0.5) / n).clamp(0.0, 1.0)  # [B, T]
+    centre = (torch.arange(n_latents, device=mask.device, dtype=torch.float32) + 0.5) / n_latents
+    z = (p[:, None, :] - centre[None, :, None]) / (width / n_latents)
+    return -0.5 * z * z
 
 
 def sinusoidal_positions(mask: Tensor, d: int) -> Tensor:
@@ -64,7 +78,8 @@ class CrossBlock(nn.Module):
         self.q, self.kv, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, 2 * d, bias=False), nn.Linear(d, d)
         self.mlp = SwiGLU(d, mlp_ratio * d, d)
 
-    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None = None, ctx_bias: Tensor | None = None) -> Tensor:
+        """``ctx_bias`` [n, lq, T]: added to the attention logits on the context's tokens (not the queries')."""
         n, lq, d = x.shape
         hq = self.norm_q(x)
         kv_in = torch.cat([self.norm_kv(ctx), hq], dim=1)
@@ -74,6 +89,9 @@ class CrossBlock(nn.Module):
         if ctx_mask is not None:
             keep = torch.cat([ctx_mask.bool(), ctx_mask.new_ones(n, lq).bool()], dim=1)
             mask = keep[:, None, None, :]
+        if ctx_bias is not None:
+            full = torch.cat([ctx_bias, ctx_bias.new_zeros(n, lq, lq)], dim=-1)[:, None]  # [n, 1, lq, T + lq]
+            mask = full if mask is None else full.masked_fill(~mask, float("-inf"))
         if self.compete:
             w = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-2)  # over the queries
             if mask is not None:
@@ -113,6 +131,8 @@ class HyperNetwork(nn.Module):
         self.n_layers = n_layers
         self.in_norm = nn.RMSNorm(cfg.hidden_size)
         self.in_proj = SwiGLU(cfg.hidden_size, d, d)
+        # "projected" positions: their own linear term in every token's latent-space input, beside the content
+        self.pos_proj = nn.Linear(d, d, bias=False) if cfg.feature_positions == "projected" else None
         self.layer_emb = nn.Parameter(torch.randn(n_layers, d) * 0.02)
         self.latents = nn.Parameter(torch.randn(cfg.latent_count, d) * 0.02)
         self.blocks = nn.ModuleList(CrossBlock(d, cfg.heads, cfg.mlp_ratio, cfg.slot_attention) for _ in range(cfg.depth))
@@ -167,11 +187,18 @@ class HyperNetwork(nn.Module):
             keep = mask if mask is not None else features.new_ones(b, t)
             feats = feats + sinusoidal_positions(keep, feats.shape[-1]).to(dtype)[:, None]
         x = self.in_proj(feats) + self.layer_emb[None, :, None]
+        if self.pos_proj is not None:
+            keep = mask if mask is not None else features.new_ones(b, t)
+            x = x + self.pos_proj(sinusoidal_positions(keep, x.shape[-1]).to(dtype))[:, None]
         x = x.reshape(b * n_layers, t, -1)
         m = None if mask is None else mask.bool().repeat_interleave(n_layers, dim=0)
         lat = (self.latents[None] + self.layer_emb[:, None]).repeat(b, 1, 1)  # [(b l), n_lat, d]
+        bias = None
+        if cfg.latent_regions:
+            keep = mask if mask is not None else features.new_ones(b, t)
+            bias = region_bias(keep, lat.shape[1], cfg.latent_regions).to(dtype).repeat_interleave(n_layers, dim=0)
         for block in self.blocks:
-            lat = block(lat, x, m)
+            lat = block(lat, x, m, bias)
         q = lat if self.decoder is None else self.decoder(self.queries.repeat(b, 1, 1), lat)  # [(b l), K*r or r, d]
         q = self.head_mlp(q.view(b, n_layers, q.shape[1], -1))
         q = F.normalize(q, dim=-1).view(b, n_layers, -1, r, q.shape[-1])

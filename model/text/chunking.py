@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -136,12 +137,24 @@ def chat_affix_texts(tokenizer, add_generation_prompt: bool = True) -> tuple[str
     return prefix, suffix
 
 
+_AFFIX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
 def chat_affixes(tokenizer, add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
     """Token ids before and after the document when it is wrapped as a user turn (with the generation
     prompt). Found by rendering a sentinel; the rendered template carries its own special tokens, so the
-    affixes are tokenised without adding any."""
-    prefix, suffix = chat_affix_texts(tokenizer, add_generation_prompt)
-    return _encode(tokenizer, prefix), _encode(tokenizer, suffix)
+    affixes are tokenised without adding any. Cached per tokenizer object and template text (rendering costs
+    more than encoding a short chunk)."""
+    key = (str(tokenizer.chat_template), bool(add_generation_prompt))
+    try:
+        per_tok = _AFFIX_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # an object that takes no weak reference: no cache
+        per_tok = {}
+    if key not in per_tok:
+        prefix, suffix = chat_affix_texts(tokenizer, add_generation_prompt)
+        per_tok[key] = (_encode(tokenizer, prefix), _encode(tokenizer, suffix))
+    prefix_ids, suffix_ids = per_tok[key]
+    return list(prefix_ids), list(suffix_ids)
 
 
 def wrap_as_user_turn(tokenizer, text: str, add_generation_prompt: bool = True) -> list[int]:

@@ -30,8 +30,9 @@ def make_data(model, tok, world, prof, seed: int, log):  # prof: bench.Profile
         if doc_id not in seen:
             seen.add(doc_id)
             docs.append((doc_id, d))
-    for k, (ents, rels) in enumerate(prof.train_mix):  # shorter training documents (never evaluated on)
-        small = dataclasses.replace(world, entities_per_doc=ents, relations_per_entity=rels)
+    for k, (ents, rels, *shared) in enumerate(prof.train_mix):  # extra training documents (never evaluated on)
+        small = dataclasses.replace(world, entities_per_doc=ents, relations_per_entity=rels,
+                                    shared_relations=bool(shared and shared[0]))
         for d in generate(prof.docs, seed=seed + 1000 * (k + 1), cfg=small):
             doc_id = sha256_text(d.text)[:32]
             if doc_id not in seen and not is_held_out(doc_id, prof.held_out):

@@ -92,6 +92,8 @@ class ToyTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
+        if not d["world"].get("shared_relations"):  # a training-mix option: folders built before it stay valid
+            d["world"].pop("shared_relations", None)
         return d
 
     @classmethod

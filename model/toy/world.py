@@ -43,6 +43,9 @@ class ToyWorldConfig:
     entities_per_doc: int = 4
     relations_per_entity: int = 2
     name_seed: int = 1234  # the entity pool is fixed across document seeds
+    # True: every entity of a document gets the same relations (drawn once per document), so a question's
+    # relation alone never tells its answer apart from the document's other values (training mixes only)
+    shared_relations: bool = False
 
 
 @dataclass
@@ -68,8 +71,9 @@ def make_document(rng: random.Random, cfg: ToyWorldConfig) -> ToyDocument:
     if cfg.relations_per_entity > len(RELATIONS):
         raise ValueError(f"relations_per_entity={cfg.relations_per_entity} exceeds {len(RELATIONS)} relations")
     facts = []
+    shared = rng.sample(sorted(RELATIONS), cfg.relations_per_entity) if cfg.shared_relations else None
     for entity in rng.sample(names, cfg.entities_per_doc):
-        for relation in rng.sample(sorted(RELATIONS), cfg.relations_per_entity):
+        for relation in shared or rng.sample(sorted(RELATIONS), cfg.relations_per_entity):
             facts.append((entity, relation, rng.choice(RELATIONS[relation])))
     rng.shuffle(facts)
     text = " ".join(fact_sentence(*f) for f in facts)

@@ -20,7 +20,7 @@ def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = 
 
     train = [r for r in history if r.get("kind") == "train"]
     evals = [r for r in history if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss (distill + L1)")
@@ -32,12 +32,15 @@ def plot_training(history: list[dict[str, Any]], path: str | Path, title: str = 
         if all("eval_exact" in r for r in evals):
             ax2.plot([r["step"] for r in evals], [r["eval_exact"] for r in evals], "m-", marker=".",
                      label="answers exact (greedy = teacher)")
-        ax2.legend(loc="center right", fontsize=8)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("agreement")
+        # one legend for both axes, under the plot: inside it, it covered the curves' ends
+        lines = axes[1].get_lines() + ax2.get_lines()
+        axes[1].legend(lines, [ln.get_label() for ln in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                       ncol=2, fontsize=8, frameon=False)
+        axes[1].set_ylabel("CE / KL to the teacher (nats)")
     axes[1].set_xlabel("step")
     axes[1].set_title("held-out documents")
-    axes[1].legend(loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)

@@ -28,6 +28,7 @@ one generated adapter (encoded once); the chunk count is drawn per context.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -181,7 +182,11 @@ def grouped_batches(groups: Sequence[Any], batch_size: int, rows_per_context: in
 
 
 class DataOrder:
-    """Micro-batch ``m`` (0-based, over all epochs) -> (epoch, row indices). Stateless apart from a cache."""
+    """Micro-batch ``m`` (0-based, over all epochs) -> (epoch, row indices). Stateless apart from caches.
+
+    With whole-context units of unequal size (``rows_per_context`` over contexts with different question
+    counts), the number of batches can differ from epoch to epoch: the epochs' batch counts are kept, so
+    ``m`` always maps to the same batch however the run got there (a resumed run included)."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket_by_length: bool = True,
                  bucket_batches: int = 16, drop_last: bool = False, groups: Sequence[Any] | None = None,
@@ -190,19 +195,32 @@ class DataOrder:
         self.kw = dict(batch_size=batch_size, seed=seed, bucket_by_length=bucket_by_length,
                        bucket_batches=bucket_batches, drop_last=drop_last, groups=groups,
                        rows_per_context=rows_per_context)
-        self.batches_per_epoch = len(epoch_batches(self.lengths, epoch=0, **self.kw))
+        first = epoch_batches(self.lengths, epoch=0, **self.kw)
+        self.batches_per_epoch = len(first)  # epoch 0's; later epochs may differ by a batch or two
         if self.batches_per_epoch == 0:
             raise ValueError("no training rows")
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, list[list[int]]] = (0, first)
+        self._starts = [0, len(first)]  # _starts[e] = first micro-batch of epoch e (known so far)
+
+    def _locate(self, m: int) -> tuple[int, int]:
+        m = int(m)
+        while self._starts[-1] <= m:
+            epoch = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + len(self._batches(epoch)))
+        epoch = bisect.bisect_right(self._starts, m) - 1
+        return epoch, m - self._starts[epoch]
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._cache[0] != epoch:
+            self._cache = (epoch, epoch_batches(self.lengths, epoch=epoch, **self.kw))
+        return self._cache[1]
 
     def epoch_of(self, m: int) -> int:
-        return m // self.batches_per_epoch
+        return self._locate(m)[0]
 
     def __call__(self, m: int) -> tuple[int, list[int]]:
-        epoch, i = divmod(int(m), self.batches_per_epoch)
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, epoch_batches(self.lengths, epoch=epoch, **self.kw))
-        return epoch, self._cache[1][i]
+        epoch, i = self._locate(m)
+        return epoch, self._batches(epoch)[i]
 
 
 def eval_batches(lengths: Sequence[int], batch_size: int, seed: int, max_batches: int = 0) -> list[list[int]]:
