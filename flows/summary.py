@@ -35,7 +35,7 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _print_damaged(stats: dict[str, Any]) -> None:
+def _print_damaged(stats: dict[str, Any], con: Console) -> None:
     """Every shard a stage found damaged and redid, and every manifest entry the index dropped."""
     lines = [(name, "redone", path) for name, st in stats.items() if isinstance(st, dict)
              for path in st.get("redone_shards", [])]
@@ -47,11 +47,21 @@ def _print_damaged(stats: dict[str, Any]) -> None:
         t.add_column(col, overflow="fold")
     for row in lines:
         t.add_row(*row)
-    console.print(t)
+    con.print(t)
 
 
-def print_pipeline_summary(stats: dict[str, Any]) -> None:
-    """What a pipeline run made and where, and a first query to try."""
+def pipeline_summary_text(stats: dict[str, Any]) -> str:
+    """The summary as plain text (no colour) at the terminal's width: what a rerun prints from the stamp."""
+    import io
+
+    buf = io.StringIO()
+    print_pipeline_summary(stats, Console(file=buf, width=console.width, color_system=None, force_terminal=False))
+    return buf.getvalue()
+
+
+def print_pipeline_summary(stats: dict[str, Any], con: Console | None = None) -> None:
+    """What a pipeline run made and where, and a first query to try (on `con`, default the terminal)."""
+    con = con or console
     idx = stats.get("index", {})
     counts = idx.get("counts", {})
     t = Table(title="doc2lora: what this run made", show_header=True)
@@ -86,12 +96,12 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
         written = ad.get("written", True)
         t.add_row("adapter", "0" if written else "1", "1" if written else "0",
                   f"rank {ad['rank']}, {ad.get('chunks', '?')} chunk(s), made in {ad['seconds'] * 1000:.0f} ms")
-    console.print(t)
+    con.print(t)
     c = Table(title="catalog views (rows)")
     for name in counts:
         c.add_column(name, justify="right")
     c.add_row(*(str(v) for v in counts.values()))
-    console.print(c)
+    con.print(c)
     rej = idx.get("rejects_by_reason", [])
     if rej:
         r = Table(title="rejects by reason")
@@ -99,31 +109,36 @@ def print_pipeline_summary(stats: dict[str, Any]) -> None:
             r.add_column(col)
         for row in rej:
             r.add_row(*(str(v) for v in row))
-        console.print(r)
+        con.print(r)
     for problem in stats.get("data_loss") or []:
-        console.print(f"[bold yellow]data loss:[/bold yellow] {problem}")
-    _print_damaged(stats)
-    print_next_steps(stats)
+        con.print(f"[bold yellow]data loss:[/bold yellow] {problem}")
+    _print_damaged(stats, con)
+    print_next_steps(stats, con.file)
 
 
-def print_next_steps(stats: dict[str, Any]) -> None:
+def print_next_steps(stats: dict[str, Any], file: Any = None) -> None:
     """Where things are, what the demo adapter is, and commands to paste: plain lines, never in a table."""
+    out = file or sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=out)
+
     idx = stats.get("index", {})
     store = stats.get("store", "store")
-    print(f"store: {store}  ({idx.get('shards', 0)} shards, {idx.get('shard_bytes', 0) / 1e6:.2f} MB; "
-          f"{idx.get('duplicate_documents', 0)} duplicate documents across shards hidden by the views)")
+    say(f"store: {store}  ({idx.get('shards', 0)} shards, {idx.get('shard_bytes', 0) / 1e6:.2f} MB; "
+        f"{idx.get('duplicate_documents', 0)} duplicate documents across shards hidden by the views)")
     tr, ad = stats.get("train"), stats.get("adapter")
     if tr is not None:
-        print(f"training curves: {tr.get('curve')}")
+        say(f"training curves: {tr.get('curve')}")
     if ad is not None:
-        print(f"demo adapter: {ad['adapter']}")
-        print(f"  What it is: the config's demo_document turned into a LoRA by a hypernetwork trained for only "
-              f"{tr.get('steps') if tr else '?'} steps. It shows the path (document -> adapter -> answers with the "
-              "document NOT in the prompt); it has not learned enough to answer from the document: expect about "
-              "what the base model says alone. To see the method work, run the toy-world benchmark (last line).")
-    print("try:")
-    print(f'd2l sql "SELECT source_kind, count(*) AS docs FROM documents GROUP BY 1" --store {store}')
+        say(f"demo adapter: {ad['adapter']}")
+        say(f"  What it is: the config's demo_document turned into a LoRA by a hypernetwork trained for only "
+            f"{tr.get('steps') if tr else '?'} steps. It shows the path (document -> adapter -> answers with the "
+            "document NOT in the prompt); it has not learned enough to answer from the document: expect about "
+            "what the base model says alone. To see the method work, run the toy-world benchmark (last line).")
+    say("try:")
+    say(f'd2l sql "SELECT source_kind, count(*) AS docs FROM documents GROUP BY 1" --store {store}')
     if ad is not None:
-        print(f'd2l ask --adapter {ad["adapter"]} "How is the hypernetwork trained?"')
-        print("d2l bench toy --smoke")
-    sys.stdout.flush()
+        say(f'd2l ask --adapter {ad["adapter"]} "How is the hypernetwork trained?"')
+        say("d2l bench toy --smoke")
+    out.flush()

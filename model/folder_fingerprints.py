@@ -26,11 +26,11 @@ from storage.fsutil import atomic_write
 CACHE_FILE = "doc2lora-fingerprints.json"
 FORMAT = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
-_SKIP_NAMES = {CACHE_FILE, "doc2lora.json"}
+SKIP_NAMES = {CACHE_FILE, "doc2lora.json"}
 _BIG = 64 << 20  # a non-weight file this large is named by size and date instead of read whole
 _CODE = Path(__file__).resolve().parent / "text" / "chunking.py"  # where tokenizer_fingerprint lives
 
-__all__ = ["CACHE_FILE", "cached_fingerprint", "folder_digest", "tokenizer_files_digest", "tokenizer_id_cached"]
+__all__ = ["CACHE_FILE", "SKIP_NAMES", "cached_fingerprint", "folder_digest", "tokenizer_files_digest", "tokenizer_id_cached"]
 
 
 def _version(dist: str) -> str:
@@ -46,7 +46,7 @@ def _tokenizer_files(folder: Path) -> list[Path]:
     for dirpath, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if name.startswith(".") or name in _SKIP_NAMES or name.endswith(_WEIGHT_SUFFIXES):
+            if name.startswith(".") or name in SKIP_NAMES or name.endswith(_WEIGHT_SUFFIXES):
                 continue
             out.append(Path(dirpath) / name)
     return out

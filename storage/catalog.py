@@ -27,6 +27,7 @@ from storage.catalog_files import REPLICA_NAME, connect, publish_replica
 from storage.locks import FileLock
 from storage.schemas import TABLES
 from storage.shards import ShardEntry, shard_intact
+from storage.uptodate_stamp import JOURNAL_NAME, clear_journal, read_journal
 
 # Rows with the same key in two shards (the same document in two files) show once in the views.
 PRIMARY_KEYS = {"documents": "doc_id", "chunks": "chunk_id", "questions": "question_id", "samples": "sample_id"}
@@ -62,6 +63,13 @@ Manifest = dict[tuple[str, str], list[ShardEntry]]
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _timestamp(text) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text)) if text else None
+    except ValueError:
+        return None
 
 
 class Catalog:
@@ -106,6 +114,7 @@ class Catalog:
                     self._create_views(con, list(TABLES))
                 con.execute("BEGIN TRANSACTION")
                 try:
+                    folded = self._fold_journal(con)
                     yield con
                     con.execute("COMMIT")
                 except BaseException:
@@ -115,6 +124,8 @@ class Catalog:
                         pass
                     raise
                 con.execute("CHECKPOINT")
+                if folded:
+                    clear_journal(self.root)
             finally:
                 con.close()
             last = _LAST_PUBLISH.get(self.path)
@@ -122,6 +133,16 @@ class Catalog:
                     or not self.replica_path.exists():
                 publish_replica(self.path)
                 _LAST_PUBLISH[self.path] = time.monotonic()
+
+    def _fold_journal(self, con: duckdb.DuckDBPyConnection) -> int:
+        """Runs recorded in the journal (up-to-date reruns, storage/uptodate_stamp.py) -> `runs`, in this
+        transaction; a run already there is left as it is (a fold cut short after its commit repeats)."""
+        rows = read_journal(self.root)
+        for r in rows:
+            con.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [r["run_id"], r.get("flow"), _timestamp(r.get("started")), _timestamp(r.get("finished")),
+                         r.get("status"), r.get("config"), r.get("stats")])
+        return len(rows) or int((self.root / JOURNAL_NAME).exists())
 
     @contextmanager
     def read(self, retry_seconds: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -144,8 +165,9 @@ class Catalog:
                 connect(self.path, read_only=True).close()
 
     def replica(self) -> Path:
-        """The read replica, published now if it is missing (a store written before replicas existed)."""
-        if not self.replica_path.exists():
+        """The read replica, published now if it is missing (a store written before replicas existed) or runs
+        wait in the journal (up-to-date reruns recorded without opening the catalog)."""
+        if not self.replica_path.exists() or (self.root / JOURNAL_NAME).exists():
             with self.write(publish=True):
                 pass
         return self.replica_path

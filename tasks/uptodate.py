@@ -18,11 +18,7 @@ Then every stage would find all its units done, and the run is recorded without 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
-import os
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,55 +26,19 @@ from typing import Any
 import duckdb
 
 from model.base_models import resolve_base_model
-from model.folder_fingerprints import folder_digest
+from model.folder_fingerprints import SKIP_NAMES, folder_digest
 from storage.catalog import Catalog
 from storage.corpus import expand_sources
 from storage.hashing import canonical_json
 from storage.shards import ShardEntry, shard_intact
 from storage.sources import IngestConfig
-from storage.store import Store
-
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("flows", "tasks", "model", "storage")
-VERSIONED = ("torch", "transformers", "tokenizers", "duckdb", "pyarrow", "pydantic", "prefect")
+from storage.uptodate_stamp import catalog_identity, remove_stamp, source_roots, tree_witness, write_stamp
+from tasks.uptodate_fast import code_digest, invocation_key
 
 _DDL = ("CREATE TABLE IF NOT EXISTS pipeline_uptodate (invocation VARCHAR PRIMARY KEY, run_id VARCHAR, "
         "recorded TIMESTAMP, config VARCHAR, scan VARCHAR, models VARCHAR, manifest VARCHAR, stats VARCHAR)")
 
-__all__ = ["Verdict", "check", "code_digest", "invocation_key", "record_shortcut_run", "remember"]
-
-
-def code_digest(root: Path = ROOT) -> str:
-    """sha256 of every file of the project's packages (code, prompts): any edit makes a new invocation."""
-    h = hashlib.sha256()
-    for pkg in PACKAGES:
-        for dirpath, dirs, files in os.walk(root / pkg):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
-            for name in sorted(files):
-                if name.endswith((".pyc", ".pyo")) or name.startswith("."):
-                    continue
-                p = Path(dirpath) / name
-                h.update(f"|{p.relative_to(root).as_posix()}|".encode())
-                h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in VERSIONED:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "-"
-    return out
-
-
-def invocation_key(options: dict[str, Any], config_file: str | None) -> str:
-    """The hash of everything that fixes a run's effective config and code (see the module docstring)."""
-    config_bytes = Path(config_file).read_bytes() if config_file else b""
-    payload = {"cwd": os.getcwd(), "options": options, "config_file": hashlib.sha256(config_bytes).hexdigest(),
-               "code": code_digest(), "versions": _versions()}
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+__all__ = ["Verdict", "check", "code_digest", "invocation_key", "remember"]
 
 
 def _manifest(con: duckdb.DuckDBPyConnection) -> tuple[str, list[ShardEntry]]:
@@ -137,17 +97,36 @@ def _recorded(cat: Catalog, key: str) -> tuple[tuple | None, str, list[ShardEntr
     return row, digest, entries
 
 
-def check(store_root: str | Path, key: str) -> Verdict:
-    """Compare the store with the record of the last complete run of this invocation (holds no lock)."""
+def _shard_stats(entries: list[ShardEntry]) -> list[list] | None:
+    out = []
+    for e in entries:
+        try:
+            st = Path(e.path).stat()
+        except OSError:
+            return None
+        out.append([e.path, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def check(store_root: str | Path, key: str, stamp: bool = False) -> Verdict:
+    """Compare the store with the record of the last complete run of this invocation. With `stamp`, an
+    up-to-date verdict also writes the stamp the next run checks first (storage/uptodate_stamp.py): call it
+    holding the store's writer lock, so no stage writes between the catalog read and the stamp."""
     root = Path(store_root).resolve()
     cat = Catalog(root)
     if not cat.path.exists():
         return Verdict(False, "no catalog yet")
     row, digest, entries = _recorded(cat, key)
+    identity = catalog_identity(root)  # right after the read: the stamp vouches for this catalog file
     if row is None:
         return Verdict(False, "no complete run with these settings and this code yet")
     run_id, config, scan, models, manifest, stats, recorded = row
     cfg = json.loads(config)
+    witness = None
+    if stamp:  # taken before the contents are checked: a file changed meanwhile fails the next fast check
+        dirs, roots = _model_dirs(cfg, root), source_roots(list(cfg.get("sources") or []))
+        witness = (_shard_stats(entries), None if roots is None else tree_witness(roots),
+                   tree_witness(dirs, tuple(sorted(SKIP_NAMES))))
     if digest != manifest:
         return Verdict(False, "the manifest changed since that run", run_id)
     if not all(shard_intact(e) for e in entries):
@@ -156,8 +135,17 @@ def check(store_root: str | Path, key: str) -> Verdict:
         return Verdict(False, "a model folder changed", run_id)
     if scan_state(cfg) != json.loads(scan):
         return Verdict(False, "the sources changed", run_id)
-    return Verdict(True, "same settings, code, sources, models and manifest", run_id, cfg, json.loads(stats),
-                   str(recorded)[:19])
+    verdict = Verdict(True, "same settings, code, sources, models and manifest", run_id, cfg, json.loads(stats),
+                      str(recorded)[:19])
+    if witness is not None:
+        if None in witness or identity is None:
+            remove_stamp(root)
+        else:
+            write_stamp(root, {"invocation": key, "catalog": identity, "shards": witness[0],
+                               "sources_witness": witness[1], "models_witness": witness[2],
+                               "skip_names": sorted(SKIP_NAMES), "run_id": run_id, "recorded": verdict.recorded,
+                               "config": cfg, "stats": verdict.stats})
+    return verdict
 
 
 def remember(store_root: str | Path, key: str, config: dict[str, Any], stats: dict[str, Any]) -> None:
@@ -173,15 +161,3 @@ def remember(store_root: str | Path, key: str, config: dict[str, Any], stats: di
         con.execute("INSERT OR REPLACE INTO pipeline_uptodate VALUES (?, ?, now(), ?, ?, ?, ?, ?)",
                     [key, scan_id, json.dumps(config, default=str), json.dumps(scan), json.dumps(models), digest,
                      json.dumps(stats, default=str)])
-
-
-def record_shortcut_run(store_root: str | Path, verdict: Verdict, seconds: float) -> str:
-    """Record the up-to-date run in `runs` (flow `pipeline`, completed) under the store's writer lock."""
-    store = Store(store_root, lock_timeout=0.0)
-    run_id = uuid.uuid4().hex
-    stats = {"up_to_date": True, "same_as_ingest_run": verdict.previous_run, "flows_run": False,
-             "seconds": round(seconds + 0.0, 3), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with store.writing():
-        store.catalog.start_run(run_id, "pipeline", verdict.config)
-        store.catalog.finish_run(run_id, "completed", stats)
-    return run_id
