@@ -65,8 +65,11 @@ def _answered_from_stamp(args: list[str]) -> bool:
     from flows.uptodate import CliRun
 
     extra = ["ingest.allow_missing=true"] if opts["allow_missing"] else []
-    run = CliRun(opts["config"], [*opts["sets"], *extra], opts["store"], opts["source"], opts["base_model"])
-    return run.shortcut(full_check=False)
+    try:
+        run = CliRun(opts["config"], [*opts["sets"], *extra], opts["store"], opts["source"], opts["base_model"])
+        return run.shortcut(full_check=False)
+    except Exception:  # noqa: BLE001 - e.g. a file gone mid-check: the full command line decides
+        return False
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from storage.catalog_files import REPLICA_NAME, connect, publish_replica
-from storage.locks import FileLock
+from storage.locks import FileLock, StoreLockedError
 from storage.schemas import TABLES
 from storage.shards import ShardEntry, shard_intact
 from storage.uptodate_stamp import JOURNAL_NAME, clear_journal, read_journal
@@ -168,8 +168,12 @@ class Catalog:
         """The read replica, published now if it is missing (a store written before replicas existed) or runs
         wait in the journal (up-to-date reruns recorded without opening the catalog)."""
         if not self.replica_path.exists() or (self.root / JOURNAL_NAME).exists():
-            with self.write(publish=True):
-                pass
+            try:
+                with self.write(publish=True):
+                    pass
+            except (OSError, duckdb.Error, StoreLockedError):  # e.g. a read-only store: the replica as it is
+                if not self.replica_path.exists():
+                    raise
         return self.replica_path
 
     # -- manifest ----------------------------------------------------------------------------------------

@@ -189,8 +189,10 @@ def read_journal(root: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("run_id"), str):
-            rows.append(row)
+        if isinstance(row, dict) and isinstance(row.get("run_id"), str) and all(
+                isinstance(row.get(k), (str, type(None))) for k in ("flow", "started", "finished", "status",
+                                                                     "config", "stats")):
+            rows.append(row)  # a line that is not ours is skipped: a fold must never fail the catalog write
     return rows
 
 

@@ -138,14 +138,22 @@ def check(store_root: str | Path, key: str, stamp: bool = False) -> Verdict:
     verdict = Verdict(True, "same settings, code, sources, models and manifest", run_id, cfg, json.loads(stats),
                       str(recorded)[:19])
     if witness is not None:
-        if None in witness or identity is None:
+        complete = None not in witness and identity is not None
+        _stamp(root, {"invocation": key, "catalog": identity, "shards": witness[0], "sources_witness": witness[1],
+                      "models_witness": witness[2], "skip_names": sorted(SKIP_NAMES), "run_id": run_id,
+                      "recorded": verdict.recorded, "config": cfg, "stats": verdict.stats} if complete else None)
+    return verdict
+
+
+def _stamp(root: Path, stamp: dict[str, Any] | None) -> None:
+    """Write (or, for None, remove) the stamp; a store that cannot take it just gets the full check next time."""
+    try:
+        if stamp is None:
             remove_stamp(root)
         else:
-            write_stamp(root, {"invocation": key, "catalog": identity, "shards": witness[0],
-                               "sources_witness": witness[1], "models_witness": witness[2],
-                               "skip_names": sorted(SKIP_NAMES), "run_id": run_id, "recorded": verdict.recorded,
-                               "config": cfg, "stats": verdict.stats})
-    return verdict
+            write_stamp(root, stamp)
+    except OSError:
+        pass
 
 
 def remember(store_root: str | Path, key: str, config: dict[str, Any], stats: dict[str, Any]) -> None:

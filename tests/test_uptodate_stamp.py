@@ -62,6 +62,7 @@ def test_journaled_runs_reach_the_runs_table_once(tmp_path):
     cat.refresh_views()
     ids = [journal_run(cat.root, "pipeline", {"n": i}, {"up_to_date": True}, "2026-12-03 07:00:00") for i in range(2)]
     with open(cat.root / JOURNAL_NAME, "a") as f:
+        f.write('{"run_id": "foreign", "config": {"not": "a string"}}\n')  # not ours: skipped, the write goes on
         f.write('{"run_id": "torn')  # a line cut short by a crash: skipped, not fatal
     rows = run_query(cat, "SELECT run_id, flow, status, stats FROM runs ORDER BY run_id")[1]
     assert sorted(ids) == [r[0] for r in rows]
