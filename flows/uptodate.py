@@ -120,14 +120,17 @@ class CliRun:
             record_up_to_date(self.store, verdict[1], verdict[0], started, time.monotonic() - t0)
         except Exception:  # noqa: BLE001 - e.g. the catalog lock held for long: the flows will say so properly
             return False
-        if isinstance(stamp, dict) and isinstance(stamp.get("summary_text"), str):
-            sys.stdout.write(stamp["summary_text"])  # rendered when the stamp was written: no rich to import
-        else:
-            from flows.summary import print_pipeline_summary
+        try:  # the run is recorded: whatever happens to the printing, it must not be run (and recorded) again
+            if isinstance(stamp, dict) and isinstance(stamp.get("summary_text"), str):
+                sys.stdout.write(stamp["summary_text"])  # rendered when the stamp was written: no rich to import
+            else:
+                from flows.summary import print_pipeline_summary
 
-            print_pipeline_summary(_summary_stats(verdict[2], self.store))
-        print(f"Up to date: {how} as the run recorded at {verdict[3]} UTC; no flow ran "
-              f"({time.monotonic() - t0:.2f} s). {ALWAYS_RUN_ENV}=1 runs the flows anyway.")
+                print_pipeline_summary(_summary_stats(verdict[2], self.store))
+            print(f"Up to date: {how} as the run recorded at {verdict[3]} UTC; no flow ran "
+                  f"({time.monotonic() - t0:.2f} s). {ALWAYS_RUN_ENV}=1 runs the flows anyway.")
+        except Exception as exc:  # noqa: BLE001 - e.g. a closed stdout
+            print(f"note: up to date (recorded), but the summary could not be printed: {exc}", file=sys.stderr)
         return True
 
     def _full_check(self) -> tuple | None:

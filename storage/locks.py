@@ -15,6 +15,23 @@ class StoreLockedError(RuntimeError):
     """Another process holds the lock for longer than we were willing to wait."""
 
 
+def held_elsewhere(path: str | Path) -> bool:
+    """True when another process holds the lock on `path` (a missing file: nobody). Takes it for an instant,
+    without writing to it, so a read-only store can be asked too."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class FileLock:
     """An exclusive advisory lock on `path`; `timeout` seconds to wait (0: fail at once, None: forever)."""
 

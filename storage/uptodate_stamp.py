@@ -33,10 +33,13 @@ JOURNAL_NAME = "runs-journal.jsonl"
 FORMAT = 1
 MAX_FILES = 20_000  # sources or model folders with more files than this get no stamp (the full check runs)
 MAX_STAMP_BYTES = 64 << 20  # a larger stamp file is not read (it is not ours)
+# a file modified this recently is not stamped: an edit within the file system's timestamp grain (1-2 s on
+# some) would keep its mtime, and, with the same size, go unseen (git's "racily clean" rule)
+RACY_NS = 2_000_000_000
 _GLOB_CHARS = set("*?[")
 
-__all__ = ["JOURNAL_NAME", "STAMP_NAME", "catalog_identity", "clear_journal", "fast_verdict", "journal_run",
-           "read_journal", "source_roots", "tree_witness", "write_stamp"]
+__all__ = ["JOURNAL_NAME", "RACY_NS", "STAMP_NAME", "catalog_identity", "clear_journal", "fast_verdict", "journal_run",
+           "newest_mtime_ns", "read_journal", "source_roots", "tree_witness", "write_stamp"]
 
 
 def catalog_identity(root: Path) -> list[int] | None:
@@ -73,25 +76,32 @@ def source_roots(specs: list[str]) -> list[str] | None:
     return sorted(set(roots))
 
 
-def tree_witness(paths: list[str], skip_names: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """{path: [[relative file, size, mtime_ns], ...] or None when missing}, every file under each path (symlinks
-    followed for files, not for folders); None when there are more than MAX_FILES files."""
+def tree_witness(paths: list[str], skip_names: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+                 ) -> dict[str, Any] | None:
+    """{path: [[relative file, size, mtime_ns], ...] or None when missing}, every file under each path except
+    hidden ones (ingest never reads those) and folders in `exclude` (the store itself, under a glob's root).
+    None, so no stamp, when there are more than MAX_FILES files or a folder links elsewhere (a glob follows
+    symlinked folders, and what is behind one is not watched here)."""
     out: dict[str, Any] = {}
     count = 0
     for top in paths:
-        if os.path.isfile(top):
+        try:
             st = os.stat(top)
+        except OSError:
+            out[top] = None
+            continue
+        if not os.path.isdir(top):
             out[top] = [["", st.st_size, st.st_mtime_ns]]
             count += 1
             continue
-        if not os.path.isdir(top):
-            out[top] = None
-            continue
         files = []
         for folder, dirs, names in os.walk(top):
-            dirs.sort()
+            for d in dirs:
+                if os.path.islink(os.path.join(folder, d)) and not d.startswith("."):
+                    return None
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in exclude)
             for name in sorted(names):
-                if name in skip_names:
+                if name in skip_names or name.startswith("."):
                     continue
                 full = os.path.join(folder, name)
                 try:
@@ -105,6 +115,11 @@ def tree_witness(paths: list[str], skip_names: tuple[str, ...] = ()) -> dict[str
                 return None
         out[top] = files
     return out
+
+
+def newest_mtime_ns(*witnesses: dict[str, Any] | None) -> int:
+    """The latest mtime among the files of these witnesses (0 when none)."""
+    return max((f[2] for w in witnesses if w for files in w.values() if files for f in files), default=0)
 
 
 def write_stamp(root: Path, stamp: dict[str, Any]) -> None:
@@ -140,6 +155,11 @@ def fast_verdict(root: Path, key: str) -> dict[str, Any] | None:
         return None
     if catalog_identity(root) != stamp.get("catalog"):
         return None
+    try:  # a commit not yet checkpointed into the catalog file (a writer that died between the two)
+        if os.stat(root / "catalog.duckdb.wal").st_size > 0:
+            return None
+    except FileNotFoundError:
+        pass
     for path, size, mtime_ns in stamp.get("shards") or []:
         try:
             st = os.stat(path)
@@ -147,7 +167,7 @@ def fast_verdict(root: Path, key: str) -> dict[str, Any] | None:
             return None
         if st.st_size != size or st.st_mtime_ns != mtime_ns:
             return None
-    if tree_witness(list(stamp.get("sources_witness") or {})) != stamp.get("sources_witness"):
+    if tree_witness(list(stamp.get("sources_witness") or {}), exclude=(str(root),)) != stamp.get("sources_witness"):
         return None
     skip = tuple(stamp.get("skip_names") or ())  # model folders: their fingerprint cache may be rewritten
     if tree_witness(list(stamp.get("models_witness") or {}), skip) != stamp.get("models_witness"):

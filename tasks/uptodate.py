@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,8 @@ from storage.corpus import expand_sources
 from storage.hashing import canonical_json
 from storage.shards import ShardEntry, shard_intact
 from storage.sources import IngestConfig
-from storage.uptodate_stamp import catalog_identity, remove_stamp, source_roots, tree_witness, write_stamp
+from storage.uptodate_stamp import (RACY_NS, catalog_identity, newest_mtime_ns, remove_stamp, source_roots,
+                                    tree_witness, write_stamp)
 from tasks.uptodate_fast import code_digest, invocation_key
 
 _DDL = ("CREATE TABLE IF NOT EXISTS pipeline_uptodate (invocation VARCHAR PRIMARY KEY, run_id VARCHAR, "
@@ -86,7 +89,9 @@ class Verdict:
     recorded: str = ""
 
 
-def _recorded(cat: Catalog, key: str) -> tuple[tuple | None, str, list[ShardEntry]]:
+def _recorded(cat: Catalog, key: str) -> tuple[tuple | None, str, list[ShardEntry], list[int] | None]:
+    """The invocation's record, the manifest's digest and entries, and the catalog file's identity, all read
+    under the catalog's lock (no write can fall between them)."""
     with cat.read() as con:
         try:
             row = con.execute("SELECT run_id, config, scan, models, manifest, stats, recorded FROM pipeline_uptodate "
@@ -94,7 +99,8 @@ def _recorded(cat: Catalog, key: str) -> tuple[tuple | None, str, list[ShardEntr
         except duckdb.CatalogException:
             row = None
         digest, entries = _manifest(con)
-    return row, digest, entries
+        identity = catalog_identity(cat.root)
+    return row, digest, entries, identity
 
 
 def _shard_stats(entries: list[ShardEntry]) -> list[list] | None:
@@ -116,17 +122,14 @@ def check(store_root: str | Path, key: str, stamp: bool = False) -> Verdict:
     cat = Catalog(root)
     if not cat.path.exists():
         return Verdict(False, "no catalog yet")
-    row, digest, entries = _recorded(cat, key)
-    identity = catalog_identity(root)  # right after the read: the stamp vouches for this catalog file
+    row, digest, entries, identity = _recorded(cat, key)  # the stamp vouches for this very catalog file
     if row is None:
         return Verdict(False, "no complete run with these settings and this code yet")
     run_id, config, scan, models, manifest, stats, recorded = row
     cfg = json.loads(config)
     witness = None
     if stamp:  # taken before the contents are checked: a file changed meanwhile fails the next fast check
-        dirs, roots = _model_dirs(cfg, root), source_roots(list(cfg.get("sources") or []))
-        witness = (_shard_stats(entries), None if roots is None else tree_witness(roots),
-                   tree_witness(dirs, tuple(sorted(SKIP_NAMES))))
+        witness = _witness(cfg, root, entries)
     if digest != manifest:
         return Verdict(False, "the manifest changed since that run", run_id)
     if not all(shard_intact(e) for e in entries):
@@ -138,11 +141,26 @@ def check(store_root: str | Path, key: str, stamp: bool = False) -> Verdict:
     verdict = Verdict(True, "same settings, code, sources, models and manifest", run_id, cfg, json.loads(stats),
                       str(recorded)[:19])
     if witness is not None:
-        complete = None not in witness and identity is not None
+        complete = None not in witness and identity is not None and \
+            newest_mtime_ns(witness[1], witness[2]) < time.time_ns() - RACY_NS
         _stamp(root, {"invocation": key, "catalog": identity, "shards": witness[0], "sources_witness": witness[1],
                       "models_witness": witness[2], "skip_names": sorted(SKIP_NAMES), "run_id": run_id,
                       "recorded": verdict.recorded, "config": cfg, "stats": verdict.stats} if complete else None)
     return verdict
+
+
+def _witness(cfg: dict[str, Any], root: Path, entries: list[ShardEntry]) -> tuple:
+    """(shards, sources, model folders) as the stamp records them; None in a place the stamp cannot cover:
+    a model named by hub id (a new revision in the hub cache would not change the folder watched), sources
+    that are not local files (datasets://) or too many files."""
+    dirs = _model_dirs(cfg, root)
+    base, models_home = str(cfg["base_model"]), (root / "models").resolve()
+    local = (os.path.isdir(base) or Path(resolve_base_model(base, root / "models")).resolve().is_relative_to(
+        models_home)) and all(os.path.isdir(d) for d in dirs)
+    models = tree_witness(dirs, tuple(sorted(SKIP_NAMES))) if local else None
+    roots = source_roots(list(cfg.get("sources") or []))
+    sources = None if roots is None else tree_witness(roots, exclude=(str(root),))
+    return _shard_stats(entries), sources, models
 
 
 def _stamp(root: Path, stamp: dict[str, Any] | None) -> None:

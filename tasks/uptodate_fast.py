@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.hashing import canonical_json
-from storage.locks import FileLock, StoreLockedError
+from storage.locks import held_elsewhere
 from storage.uptodate_stamp import fast_verdict, journal_run, read_stamp, write_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _normal(name: str) -> str:
 
 
 def installed_versions(dists: tuple[str, ...] = VERSIONED) -> dict[str, str]:
-    """{distribution: version} as the first `*.dist-info` folder on sys.path names it ("-" when absent):
+    """{distribution: version} as the first `*.dist-info` / `*.egg-info` on sys.path names it ("-" when absent):
     what importlib.metadata reports, without its import cost."""
     want = {_normal(d): d for d in dists}
     out = {d: "-" for d in dists}
@@ -53,9 +53,10 @@ def installed_versions(dists: tuple[str, ...] = VERSIONED) -> dict[str, str]:
         except OSError:
             continue
         for n in names:
-            if not n.endswith(".dist-info"):
+            suffix = ".dist-info" if n.endswith(".dist-info") else ".egg-info" if n.endswith(".egg-info") else ""
+            if not suffix:
                 continue
-            name, _, version = n[: -len(".dist-info")].partition("-")
+            name, _, version = n[: -len(suffix)].partition("-")
             dist = want.get(_normal(name))
             if dist and out[dist] == "-":
                 out[dist] = version
@@ -76,10 +77,11 @@ def stamped(store_root: str | Path, key: str) -> dict[str, Any] | None:
     """The store's stamp when it says this invocation is up to date and no pipeline is writing the store."""
     root = Path(store_root).resolve()
     try:  # a run in progress holds the writer lock: it may be about to change what the stamp vouches for
-        FileLock(root / "writer.lock", 0.0).acquire().release()
-    except (StoreLockedError, OSError):
+        if held_elsewhere(root / "writer.lock"):
+            return None
+        return fast_verdict(root, key)
+    except OSError:  # a file gone mid-check, a folder not readable: the full check decides
         return None
-    return fast_verdict(root, key)
 
 
 def record_up_to_date(store_root: str | Path, config: dict[str, Any], previous_run: str | None,

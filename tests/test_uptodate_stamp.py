@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from flows.pipeline import pipeline_flow
 from flows.uptodate import CliRun, _store_of
 from storage.catalog import Catalog
 from storage.sql import run_query
-from storage.uptodate_stamp import (JOURNAL_NAME, STAMP_NAME, catalog_identity, journal_run, source_roots,
-                                    tree_witness)
+from storage.uptodate_stamp import (JOURNAL_NAME, RACY_NS, STAMP_NAME, catalog_identity, journal_run,
+                                    newest_mtime_ns, source_roots, tree_witness)
 
 
 @pytest.mark.parametrize("text", [
@@ -69,6 +70,12 @@ def test_journaled_runs_reach_the_runs_table_once(tmp_path):
     assert all(r[1] == "pipeline" and r[2] == "completed" and json.loads(r[3])["up_to_date"] for r in rows)
     assert not (cat.root / JOURNAL_NAME).exists()
     assert len(run_query(cat, "SELECT * FROM runs")[1]) == 2
+    # a fold cut short after its commit (the journal not yet removed) repeats: the runs are not doubled
+    journal_run(cat.root, "pipeline", {}, {"up_to_date": True}, "2026-12-03 08:00:00")
+    saved = (cat.root / JOURNAL_NAME).read_text()
+    run_query(cat, "SELECT 1")
+    (cat.root / JOURNAL_NAME).write_text(saved)
+    assert len(run_query(cat, "SELECT * FROM runs")[1]) == 3
 
 
 def test_witness_sees_new_changed_and_touched_files(tmp_path):
@@ -88,6 +95,29 @@ def test_witness_sees_new_changed_and_touched_files(tmp_path):
     os.utime(corpus / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert tree_witness([str(corpus)]) != added
     assert tree_witness([str(tmp_path / "missing")]) == {str(tmp_path / "missing"): None}
+    (corpus / ".hidden.txt").write_text("never ingested")
+    store = corpus / "store"  # a store under a glob's root: its own files change with every run
+    store.mkdir()
+    (store / "catalog.duckdb").write_text("x")
+    seen = tree_witness([str(corpus)])
+    assert tree_witness([str(corpus)], exclude=(str(store),)) != seen
+    assert not any(f[0].startswith((".", "store")) for f in tree_witness([str(corpus)], exclude=(str(store),))[str(corpus)])
+    # a glob follows a symlinked folder; the witness would not see behind it, so there is no stamp
+    (tmp_path / "elsewhere").mkdir()
+    (corpus / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert tree_witness([str(corpus)]) is None
+
+
+def test_recently_modified_sources_are_not_stamped(tmp_path):
+    fresh = tmp_path / "fresh.txt"
+    fresh.write_text("just written")
+    old = tmp_path / "old.txt"
+    old.write_text("written a minute ago")
+    os.utime(old, ns=(time.time_ns() - 60 * 10**9,) * 2)
+    now = time.time_ns()
+    assert newest_mtime_ns(tree_witness([str(old)])) < now - RACY_NS  # stampable
+    assert newest_mtime_ns(tree_witness([str(old), str(fresh)]), None) >= now - RACY_NS  # not: an edit within
+    # the file system's timestamp grain could keep its mtime
 
 
 def _shortcut(run: CliRun) -> tuple[bool, str]:
@@ -102,6 +132,7 @@ def test_rerun_answers_from_the_stamp_and_falls_back_to_the_full_check(prefect_s
     corpus.mkdir()
     for i in range(2):
         (corpus / f"d{i}.txt").write_text(f"Document {i} about a copper lantern by the river.")
+        os.utime(corpus / f"d{i}.txt", ns=(time.time_ns() - 60 * 10**9,) * 2)  # not "racily" new: stampable
     store = tmp_path / "store"
     options = dict(config=None, sets=["chunk.max_tokens=48", "stages=[]"], store=str(store), sources=[str(corpus)],
                    base_model=str(tiny_tokenizer_dir))
