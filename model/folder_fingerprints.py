@@ -30,7 +30,8 @@ SKIP_NAMES = {CACHE_FILE, "doc2lora.json"}
 _BIG = 64 << 20  # a non-weight file this large is named by size and date instead of read whole
 _CODE = Path(__file__).resolve().parent / "text" / "chunking.py"  # where tokenizer_fingerprint lives
 
-__all__ = ["CACHE_FILE", "SKIP_NAMES", "cached_fingerprint", "folder_digest", "tokenizer_files_digest", "tokenizer_id_cached"]
+__all__ = ["CACHE_FILE", "SKIP_NAMES", "cached_fingerprint", "folder_digest", "tokenizer_files_digest",
+           "tokenizer_id_cached"]
 
 
 def _version(dist: str) -> str:
