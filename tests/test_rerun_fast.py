@@ -78,6 +78,7 @@ def test_up_to_date_run_skips_prefect_records_the_run_and_notices_changes(prefec
 
     again = probe(args, env)
     assert again["code"] == 0 and "Up to date" in again["output"], again["output"]
+    assert "(stamp)" in again["output"]  # the stamp the first run wrote at its end answered
     assert again["loaded"] == []  # decided without Prefect, torch or transformers
     assert _manifest(store) == manifest
     runs = run_query(Catalog(store), "SELECT status, stats FROM runs WHERE flow = 'pipeline' ORDER BY started")[1]
