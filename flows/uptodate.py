@@ -45,8 +45,9 @@ def _plain(raw: str) -> str | None:
 
 def _yaml_value(raw: str) -> Any:
     """`raw` parsed as YAML; a plain path is taken as it is, so the usual case needs no YAML parser (~20 ms)."""
-    if _plain(raw) is not None:
-        return _plain(raw)
+    plain = _plain(raw)
+    if plain is not None:
+        return plain
     import yaml
 
     return yaml.safe_load(raw)
@@ -142,7 +143,7 @@ class CliRun:
         try:
             with Store(self.store, lock_timeout=0.0).writing():
                 verdict = check(self.store, self.key, stamp=True)
-                self._annotate(verdict)
+                self._save_stamp(verdict)
         except StoreLockedError:
             return None  # another writer: the flows will report it (or wait, with --lock-timeout)
         except Exception:  # noqa: BLE001 - e.g. a source the flows will reject properly: run them
@@ -151,15 +152,14 @@ class CliRun:
             return None
         return verdict.previous_run, verdict.config, verdict.stats, verdict.recorded
 
-    def _annotate(self, verdict: Any) -> None:
-        """Keep the summary a rerun prints in the stamp, rendered (plain text)."""
+    def _save_stamp(self, verdict: Any) -> None:
+        """An up-to-date verdict's stamp, with the summary a rerun prints rendered into it (plain text)."""
         if not verdict.up_to_date:
             return
         from flows.summary import pipeline_summary_text
-        from tasks.uptodate_fast import annotate_stamp
+        from tasks.uptodate import save_stamp
 
-        annotate_stamp(self.store, self.key, summary_text=pipeline_summary_text(_summary_stats(verdict.stats,
-                                                                                               self.store)))
+        save_stamp(self.store, verdict, summary_text=pipeline_summary_text(_summary_stats(verdict.stats, self.store)))
 
     def remember(self, cfg: Any, stats: dict[str, Any]) -> bool:
         """After a pipeline run: record it for the shortcut if it left nothing undone."""
@@ -172,7 +172,7 @@ class CliRun:
             with Store(cfg.store, lock_timeout=5.0).writing():
                 remember(cfg.store, self.key, cfg.model_dump(mode="json"), stats)
                 # the stamp: the next run answers from it in milliseconds
-                self._annotate(check(cfg.store, self.key, stamp=True))
+                self._save_stamp(check(cfg.store, self.key, stamp=True))
         except Exception as exc:  # noqa: BLE001 - the run itself succeeded; the next one just runs the flows
             print(f"note: could not record this run for the up-to-date check: {exc}", file=sys.stderr)
             return False

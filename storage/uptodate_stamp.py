@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from storage.fsutil import atomic_write
 from storage.locks import FileLock
 
 STAMP_NAME = "uptodate-stamp.json"
@@ -124,10 +126,7 @@ def newest_mtime_ns(*witnesses: dict[str, Any] | None) -> int:
 
 def write_stamp(root: Path, stamp: dict[str, Any]) -> None:
     """Replace the store's stamp (atomically)."""
-    path = root / STAMP_NAME
-    tmp = path.with_name(f".{STAMP_NAME}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps({"format": FORMAT, **stamp}, default=str))
-    os.replace(tmp, path)
+    atomic_write(root / STAMP_NAME, json.dumps({"format": FORMAT, **stamp}, default=str))
 
 
 def read_stamp(root: Path) -> dict[str, Any] | None:
@@ -176,15 +175,17 @@ def fast_verdict(root: Path, key: str) -> dict[str, Any] | None:
 
 
 # -- the runs journal ----------------------------------------------------------------------------------------
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(sep=" ")
+def _utc(epoch: float) -> str:
+    """Epoch seconds as the catalog's timestamps are kept: naive UTC, ISO text."""
+    return datetime.fromtimestamp(epoch, timezone.utc).replace(tzinfo=None).isoformat(sep=" ")
 
 
-def journal_run(root: Path, flow: str, config: dict[str, Any], stats: dict[str, Any], started: str,
+def journal_run(root: Path, flow: str, config: dict[str, Any], stats: dict[str, Any], started: float,
                 status: str = "completed", lock_timeout: float = 30.0) -> str:
-    """Append a finished run to the journal (under the catalog's lock, so a fold never loses it); its id."""
+    """Append a run that started at `started` (epoch seconds) and finished now to the journal (under the
+    catalog's lock, so a fold never loses it); its id."""
     run_id = uuid.uuid4().hex
-    row = {"run_id": run_id, "flow": flow, "started": started, "finished": _utc_now(), "status": status,
+    row = {"run_id": run_id, "flow": flow, "started": _utc(started), "finished": _utc(time.time()), "status": status,
            "config": json.dumps(config, default=str), "stats": json.dumps(stats, default=str)}
     lock = FileLock(root / "catalog.lock", lock_timeout, what="catalog").acquire()
     try:

@@ -36,12 +36,11 @@ from storage.shards import ShardEntry, shard_intact
 from storage.sources import IngestConfig
 from storage.uptodate_stamp import (RACY_NS, catalog_identity, newest_mtime_ns, remove_stamp, source_roots,
                                     tree_witness, write_stamp)
-from tasks.uptodate_fast import code_digest, invocation_key
 
 _DDL = ("CREATE TABLE IF NOT EXISTS pipeline_uptodate (invocation VARCHAR PRIMARY KEY, run_id VARCHAR, "
         "recorded TIMESTAMP, config VARCHAR, scan VARCHAR, models VARCHAR, manifest VARCHAR, stats VARCHAR)")
 
-__all__ = ["Verdict", "check", "code_digest", "invocation_key", "remember"]
+__all__ = ["Verdict", "check", "remember", "save_stamp"]
 
 
 def _manifest(con: duckdb.DuckDBPyConnection) -> tuple[str, list[ShardEntry]]:
@@ -87,6 +86,7 @@ class Verdict:
     config: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     recorded: str = ""
+    stamp: dict[str, Any] | None = None  # check(stamp=True), up to date: what save_stamp writes (None: no stamp)
 
 
 def _recorded(cat: Catalog, key: str) -> tuple[tuple | None, str, list[ShardEntry], list[int] | None]:
@@ -116,8 +116,9 @@ def _shard_stats(entries: list[ShardEntry]) -> list[list] | None:
 
 def check(store_root: str | Path, key: str, stamp: bool = False) -> Verdict:
     """Compare the store with the record of the last complete run of this invocation. With `stamp`, an
-    up-to-date verdict also writes the stamp the next run checks first (storage/uptodate_stamp.py): call it
-    holding the store's writer lock, so no stage writes between the catalog read and the stamp."""
+    up-to-date verdict also carries the stamp the next run checks first (storage/uptodate_stamp.py), for
+    save_stamp: call both holding the store's writer lock, so no stage writes between the catalog read and
+    the stamp."""
     root = Path(store_root).resolve()
     cat = Catalog(root)
     if not cat.path.exists():
@@ -140,12 +141,11 @@ def check(store_root: str | Path, key: str, stamp: bool = False) -> Verdict:
         return Verdict(False, "the sources changed", run_id)
     verdict = Verdict(True, "same settings, code, sources, models and manifest", run_id, cfg, json.loads(stats),
                       str(recorded)[:19])
-    if witness is not None:
-        complete = None not in witness and identity is not None and \
-            newest_mtime_ns(witness[1], witness[2]) < time.time_ns() - RACY_NS
-        _stamp(root, {"invocation": key, "catalog": identity, "shards": witness[0], "sources_witness": witness[1],
-                      "models_witness": witness[2], "skip_names": sorted(SKIP_NAMES), "run_id": run_id,
-                      "recorded": verdict.recorded, "config": cfg, "stats": verdict.stats} if complete else None)
+    if witness is not None and None not in witness and identity is not None and \
+            newest_mtime_ns(witness[1], witness[2]) < time.time_ns() - RACY_NS:
+        verdict.stamp = {"invocation": key, "catalog": identity, "shards": witness[0], "sources_witness": witness[1],
+                         "models_witness": witness[2], "skip_names": sorted(SKIP_NAMES), "run_id": run_id,
+                         "recorded": verdict.recorded, "config": cfg, "stats": verdict.stats}
     return verdict
 
 
@@ -163,13 +163,16 @@ def _witness(cfg: dict[str, Any], root: Path, entries: list[ShardEntry]) -> tupl
     return _shard_stats(entries), sources, models
 
 
-def _stamp(root: Path, stamp: dict[str, Any] | None) -> None:
-    """Write (or, for None, remove) the stamp; a store that cannot take it just gets the full check next time."""
+def save_stamp(store_root: str | Path, verdict: Verdict, **extra: Any) -> None:
+    """Write the stamp of an up-to-date verdict (with `extra` fields, e.g. the rendered summary), or remove
+    the store's stamp when the check could not make one; a store that cannot take it just gets the full
+    check next time."""
+    root = Path(store_root).resolve()
     try:
-        if stamp is None:
+        if verdict.stamp is None:
             remove_stamp(root)
         else:
-            write_stamp(root, stamp)
+            write_stamp(root, {**verdict.stamp, **extra})
     except OSError:
         pass
 

@@ -8,19 +8,18 @@ import hashlib
 import os
 import re
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from storage.hashing import canonical_json
 from storage.locks import held_elsewhere
-from storage.uptodate_stamp import fast_verdict, journal_run, read_stamp, write_stamp
+from storage.uptodate_stamp import fast_verdict, journal_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("flows", "tasks", "model", "storage")
 VERSIONED = ("torch", "transformers", "tokenizers", "duckdb", "pyarrow", "pydantic", "prefect")
 
-__all__ = ["annotate_stamp", "code_digest", "installed_versions", "invocation_key", "record_up_to_date", "stamped"]
+__all__ = ["code_digest", "installed_versions", "invocation_key", "record_up_to_date", "stamped"]
 
 
 def code_digest(root: Path = ROOT) -> str:
@@ -90,16 +89,5 @@ def record_up_to_date(store_root: str | Path, config: dict[str, Any], previous_r
     next catalog write or query). `started`: epoch seconds."""
     stats = {"up_to_date": True, "same_as_ingest_run": previous_run, "flows_run": False,
              "seconds": round(seconds, 3)}
-    when = datetime.fromtimestamp(started, timezone.utc).replace(tzinfo=None).isoformat(sep=" ")
-    return journal_run(Path(store_root).resolve(), "pipeline", config, stats, when)
+    return journal_run(Path(store_root).resolve(), "pipeline", config, stats, started)
 
-
-def annotate_stamp(store_root: str | Path, key: str, **fields: Any) -> bool:
-    """Add `fields` (e.g. the rendered summary) to the stamp of this invocation; False when there is none.
-    Call under the store's writer lock, right after the check that wrote it."""
-    root = Path(store_root).resolve()
-    stamp = read_stamp(root)
-    if stamp is None or stamp.get("invocation") != key:
-        return False
-    write_stamp(root, {**{k: v for k, v in stamp.items() if k != "format"}, **fields})
-    return True

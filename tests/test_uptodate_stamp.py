@@ -61,7 +61,7 @@ def test_entry_reads_run_options_as_typer_does(tmp_path):
 def test_journaled_runs_reach_the_runs_table_once(tmp_path):
     cat = Catalog(tmp_path / "store")
     cat.refresh_views()
-    ids = [journal_run(cat.root, "pipeline", {"n": i}, {"up_to_date": True}, "2026-12-03 07:00:00") for i in range(2)]
+    ids = [journal_run(cat.root, "pipeline", {"n": i}, {"up_to_date": True}, time.time()) for i in range(2)]
     with open(cat.root / JOURNAL_NAME, "a") as f:
         f.write('{"run_id": "foreign", "config": {"not": "a string"}}\n')  # not ours: skipped, the write goes on
         f.write('{"run_id": "torn')  # a line cut short by a crash: skipped, not fatal
@@ -71,7 +71,7 @@ def test_journaled_runs_reach_the_runs_table_once(tmp_path):
     assert not (cat.root / JOURNAL_NAME).exists()
     assert len(run_query(cat, "SELECT * FROM runs")[1]) == 2
     # a fold cut short after its commit (the journal not yet removed) repeats: the runs are not doubled
-    journal_run(cat.root, "pipeline", {}, {"up_to_date": True}, "2026-12-03 08:00:00")
+    journal_run(cat.root, "pipeline", {}, {"up_to_date": True}, time.time())
     saved = (cat.root / JOURNAL_NAME).read_text()
     run_query(cat, "SELECT 1")
     (cat.root / JOURNAL_NAME).write_text(saved)
