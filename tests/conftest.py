@@ -23,6 +23,8 @@ for _path in (REPO, REPO / "tests"):  # the project, and tests/support
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from support.terminal import report  # noqa: E402
+
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +75,10 @@ def smollm2_dir(tmp_path_factory, request) -> Path:
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     build = (read_marker(folder) or {}).get("build_seconds")
     line = (
-        f"[doc2lora] smollm2-135m-instruct: resolved in {seconds:.1f} s (conversion took {build} s when built; "
+        f"smollm2-135m-instruct: resolved in {seconds:.1f} s (conversion took {build} s when built; "
         f"folder {size / 1e6:.0f} MB at {folder})"
     )
-    _report(request, line)
+    report(request, line)
     return folder
 
 
@@ -164,16 +166,6 @@ def _kill_vllm_group(run_dir: Path, port: int) -> None:
                 time.sleep(0.25)
 
 
-def _report(request, line: str) -> None:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capman is not None:
-        with capman.global_and_fixture_disabled():
-            reporter.write_line(line)
-    else:  # pragma: no cover
-        print(line)
-
-
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory, request):
     """A real vLLM OpenAI-compatible server (scripts/vllm_cpu_serve.sh) serving the SmolLM2 folder on a free
@@ -233,7 +225,7 @@ def vllm_server(tmp_path_factory, request):
             server.pid = int((run_dir / f"{port}.pid").read_text().strip())
         except (OSError, ValueError):
             server.pid = None
-        _report(request, f"[doc2lora] vLLM server ready in {seconds:.1f} s at {url} (PID {server.pid}, "
+        report(request, f"vLLM server ready in {seconds:.1f} s at {url} (PID {server.pid}, "
                          f"model {server.model}, log {server.log})")
         yield server
     finally:
@@ -246,4 +238,4 @@ def vllm_server(tmp_path_factory, request):
                 pass
             _kill_vllm_group(run_dir, port)  # no-op when the stop worked (the PID file is gone)
             if url is not None:
-                _report(request, f"[doc2lora] vLLM server stopped in {time.perf_counter() - t1:.1f} s")
+                report(request, f"vLLM server stopped in {time.perf_counter() - t1:.1f} s")
