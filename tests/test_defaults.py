@@ -67,7 +67,8 @@ def test_typed_hyper_and_optim_mirror_the_dataclasses():
             "checkpoint_every"}  # the CPU demo's sizes
     # the toy world's measured winners (docs/evaluation.md); HyperConfig keeps the reference's values, which a
     # saved hyper_config.json written before these fields existed means
-    demo |= {"alpha", "feature_source", "scale_b_init", "l1_weight", "latent_regions"}  # the rest: the dataclass's
+    demo |= {"alpha", "feature_source", "scale_b_init", "l1_weight", "latent_regions",  # the rest: the dataclass's
+             "context_groups", "context_groups_from"}
     for values, fields in ((HyperSettings().to_config(), hyper_fields), (OptimSettings().model_dump(), optim_fields)):
         for name, value in values.items():
             f = fields[name]

@@ -69,6 +69,21 @@ def test_features_are_hidden_states_entering_each_layer(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "lfm2"])
+def test_unpadded_chunks_are_encoded_without_a_mask_and_the_same(arch):
+    """encode_ids passes no attention mask when nothing is padded: the features are those of the masked call."""
+    from model.hypernet.config import find_layers
+
+    model = tiny(arch)
+    enc = ContextEncoder(model, None, list(range(model.config.num_hidden_layers)))
+    for chunks in ([[5, 9, 3, 7, 2]], [[5, 9, 3], [4, 4, 8]], [[5, 9, 3], [4, 8]]):
+        feats, mask = enc.encode_ids(chunks)
+        ids = torch.tensor([c + [0] * (mask.shape[1] - len(c)) for c in chunks])
+        assert torch.equal(feats, encode_context(model, ids, mask, enc.layer_indices))
+    assert torch.equal(mask, torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert find_layers(model)[1] is find_layers(model)[1]  # remembered per model
+
+
+@pytest.mark.parametrize("arch", ["llama", "lfm2"])
 def test_update_is_exactly_zero_at_init(arch):
     model = tiny(arch)
     net = tiny_hyper(model, PATTERNS[arch])

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.evaluation.costs import adapter_bytes, kv_cache_bytes, param_bytes, stack_adapters
+from model.evaluation.costs import adapter_bytes, kv_cache_bytes, param_bytes, stack_adapters, timed_heap
 
 from model.evaluation.runner import EvalContext, EvalQuestion, result_row
 
@@ -99,10 +99,11 @@ def _adapters(base_model, tokenizer, hypernet, texts: Sequence[str], chunk_max_t
     from model.hypernet.internalize import internalize
 
     ads, secs = [], []
-    for t in texts:
-        t0 = time.perf_counter()
-        ads.append(internalize(base_model, tokenizer, hypernet, t, chunk_max_tokens, merge))
-        secs.append(time.perf_counter() - t0)
+    with timed_heap():
+        for t in texts:
+            t0 = time.perf_counter()
+            ads.append(internalize(base_model, tokenizer, hypernet, t, chunk_max_tokens, merge))
+            secs.append(time.perf_counter() - t0)
     return ads, secs
 
 

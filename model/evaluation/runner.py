@@ -22,7 +22,8 @@ Metrics (one ``eval_results`` row per question and method, storage/schemas.py EV
   the same way (its prompt with the document), a check that is ~0 up to the fp16 rounding of the cache.
 
 Costs: ``adapter_seconds`` is the wall time to create that document's adapter at batch 1 (D2L: chunk,
-encode, generate, merge; CD: its gradient steps); ``meta`` carries ``adapter_bytes`` and the document's
+encode, generate, merge; CD: its gradient steps), both timed with the process's earlier objects set aside
+from the garbage collector (``costs.timed_heap``); ``meta`` carries ``adapter_bytes`` and the document's
 ``kv_cache_bytes`` (what the prompt of the teacher keeps per document in the attention layers' KV cache),
 both at the base model's parameter precision.
 """
@@ -38,7 +39,7 @@ from typing import Any
 from torch import nn
 
 from model.training.loss import collate_samples
-from model.evaluation.costs import adapter_bytes, kv_cache_bytes, param_bytes, stack_adapters
+from model.evaluation.costs import adapter_bytes, kv_cache_bytes, param_bytes, stack_adapters, timed_heap
 from model.evaluation.metrics import exact_match, teacher_kl, token_f1
 from model.evaluation.report import METHODS, summarize
 from model.generation.decode import greedy_answers, pad_id
@@ -253,11 +254,13 @@ def _d2l(ev: _Eval, hypernet, progress: bool) -> None:
     if st.warmup and ev.contexts:
         internalize(ev.base_model, ev.tokenizer, hypernet, ev.contexts[0].text, st.chunk_max_tokens, st.merge)
     adapters, secs, sizes, n_chunks = [], [], [], []
-    for ctx in _progress(ev.contexts, progress, "d2l adapters"):
-        t0 = time.perf_counter()
-        ad = internalize(ev.base_model, ev.tokenizer, hypernet, ctx.text, st.chunk_max_tokens, st.merge)
-        secs.append(time.perf_counter() - t0)
-        adapters.append(ad)
+    with timed_heap():
+        for ctx in _progress(ev.contexts, progress, "d2l adapters"):
+            t0 = time.perf_counter()
+            ad = internalize(ev.base_model, ev.tokenizer, hypernet, ctx.text, st.chunk_max_tokens, st.merge)
+            secs.append(time.perf_counter() - t0)
+            adapters.append(ad)
+    for ad in adapters:
         sizes.append(adapter_bytes(ad, ev.nbytes))
         n_chunks.append(ad.ranks()[next(iter(ad.loras))] // hypernet.config.rank - 1)
     t0 = time.perf_counter()
@@ -287,13 +290,14 @@ def _cd(ev: _Eval, hypernet, progress: bool) -> None:
         warm = [q.sample for q in contexts[chosen[0]].questions if q.cd_train]
         train_cd(ev.base_model, warm, targets, CDConfig(**{**asdict(cfg), "steps": 2}), ev.pad, ev.compact)
     adapters, secs, sizes, pos = [], {}, {}, {}
-    for c in _progress(chosen, progress, "cd adapters"):
-        res = train_cd(ev.base_model, [q.sample for q in contexts[c].questions if q.cd_train], targets, cfg, ev.pad,
-                       ev.compact)
-        pos[c] = len(adapters)
-        adapters.append(res.adapter)
-        secs[c] = res.seconds
-        sizes[c] = adapter_bytes(res.adapter, ev.nbytes)
+    with timed_heap():
+        for c in _progress(chosen, progress, "cd adapters"):
+            res = train_cd(ev.base_model, [q.sample for q in contexts[c].questions if q.cd_train], targets, cfg,
+                           ev.pad, ev.compact)
+            pos[c] = len(adapters)
+            adapters.append(res.adapter)
+            secs[c] = res.seconds
+            sizes[c] = adapter_bytes(res.adapter, ev.nbytes)
     t0 = time.perf_counter()
     items = [i for i, (c, _) in enumerate(ev.flat) if c in pos]
     if items:

@@ -19,6 +19,7 @@ import dataclasses
 import fnmatch
 import json
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,13 +161,27 @@ def pattern_matches(pattern: str, path: str) -> bool:
         return False
 
 
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple[str, nn.ModuleList]]" = weakref.WeakKeyDictionary()
+
+
 def find_layers(base_model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder's ModuleList of blocks: the first ModuleList as long as the config's layer count."""
+    """The decoder's ModuleList of blocks: the first ModuleList as long as the config's layer count.
+
+    Remembered per model object (the walk over ``named_modules`` is a tenth of a toy adapter's creation
+    time); the remembered list is used only while it is still that model's submodule at that path."""
+    hit = _LAYERS.get(base_model)
+    if hit is not None:
+        try:
+            if base_model.get_submodule(hit[0]) is hit[1]:
+                return hit
+        except AttributeError:
+            pass
     cfg = text_config(getattr(base_model, "config", None))
     n = getattr(cfg, "num_hidden_layers", None)
     lists = [(name, m) for name, m in base_model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     for name, m in lists:
         if n is None or len(m) == n:
+            _LAYERS[base_model] = (name, m)
             return name, m
     raise ValueError(f"no ModuleList of {n} decoder layers found in {type(base_model).__name__}")
 

@@ -123,7 +123,9 @@ class ContextEncoder:
         device = next(self.base_model.parameters()).device
         ids, mask = pad_right(chunks, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        return encode_context(self.base_model, ids, mask, self.layer_indices, self.dtype, self.source), mask
+        # no padding (a single chunk, or chunks of one length): no mask, so the model builds none
+        model_mask = None if all(len(c) == ids.shape[1] for c in chunks) else mask
+        return encode_context(self.base_model, ids, model_mask, self.layer_indices, self.dtype, self.source), mask
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Features and mask for chunk texts, each wrapped as a user turn."""

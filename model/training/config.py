@@ -10,6 +10,12 @@ pieces, each re-wrapped in the chat template's user-turn affixes, with ``n`` dra
 per piece and the merged adapter (``merge``) is the one inside the loss. ``multi_chunk=False`` always uses
 one piece (the whole context). Evaluation always uses one piece.
 
+Context groups (``context_groups``, ``{g: probability}``, default ``{1: 1.0}``: off): from step
+``context_groups_from * total_steps`` on, the adapters of ``g`` consecutive contexts of a micro-batch are
+merged into one and each of their questions is scored with it: the condition of a document ``g`` times the
+trained length, whose chunk adapters add up at use time. It trains the merge after the single-chunk task is
+learned (the pieces of ``multi_chunk`` are shorter than a trained chunk; these are whole ones).
+
 ``l1_weight`` and ``merge`` default to the HyperConfig's values (``None`` here).
 """
 
@@ -58,6 +64,8 @@ class TrainConfig:
     drop_last: bool = False
     multi_chunk: bool = True
     chunk_dist: dict[int, float] = field(default_factory=default_chunk_dist)
+    context_groups: dict[int, float] = field(default_factory=lambda: {1: 1.0})
+    context_groups_from: float = 0.0  # fraction of total_steps after which contexts are grouped
     min_piece_tokens: int = 1  # a context shorter than n * this is split into fewer pieces
     # teacher answers cut at max_new_tokens (samples.finished = false): their tokens are valid targets.
     # False: train on finished answers only (held-out rows are scored either way)
@@ -81,6 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         self.chunk_dist = {int(k): float(v) for k, v in dict(self.chunk_dist).items()}
+        self.context_groups = {int(k): float(v) for k, v in dict(self.context_groups).items()}
         if self.merge is not None:  # None: the HyperConfig's
             self.merge = merge_mode(self.merge)
         if self.total_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -95,6 +104,11 @@ class TrainConfig:
             raise ValueError(f"chunk_dist must map chunk counts >= 1 to probabilities >= 0: {self.chunk_dist}")
         if sum(self.chunk_dist.values()) <= 0:
             raise ValueError("chunk_dist has no mass")
+        groups = self.context_groups
+        if not groups or min(groups) < 1 or any(p < 0 for p in groups.values()) or sum(groups.values()) <= 0:
+            raise ValueError(f"context_groups must map group sizes >= 1 to probabilities >= 0 with some mass: {groups}")
+        if not 0.0 <= self.context_groups_from <= 1.0:
+            raise ValueError(f"context_groups_from={self.context_groups_from} must be a fraction of the steps in [0, 1]")
         if self.rows_per_context < 1:
             raise ValueError(f"rows_per_context must be >= 1, got {self.rows_per_context}")
         if self.keep_last < 1:
@@ -104,7 +118,7 @@ class TrainConfig:
     RESULT_FIELDS = (
         "lr", "min_lr", "warmup_steps", "total_steps", "weight_decay", "betas", "eps", "batch_size",
         "grad_accum", "max_grad_norm", "seed", "bucket_by_length", "bucket_batches", "rows_per_context", "drop_last",
-        "multi_chunk", "chunk_dist", "min_piece_tokens", "use_unfinished", "l1_weight", "merge", "renormalise", "bf16",
+        "multi_chunk", "chunk_dist", "context_groups", "context_groups_from", "min_piece_tokens", "use_unfinished", "l1_weight", "merge", "renormalise", "bf16",
     )
 
     def result_dict(self) -> dict[str, Any]:
@@ -119,11 +133,21 @@ class TrainConfig:
         total = sum(self.chunk_dist.values())
         return ns, [self.chunk_dist[n] / total for n in ns]
 
+    def group_probs(self, step: int) -> tuple[list[int], list[float]]:
+        """Context-group sizes and their probabilities for optimizer step `step` (0-based): ([1], [1.0]) before
+        ``context_groups_from``."""
+        if step < self.context_groups_from * self.total_steps:
+            return [1], [1.0]
+        gs = sorted(self.context_groups)
+        total = sum(self.context_groups.values())
+        return gs, [self.context_groups[g] / total for g in gs]
+
     # -- JSON
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["chunk_dist"] = {str(k): v for k, v in sorted(self.chunk_dist.items())}
+        d["context_groups"] = {str(k): v for k, v in sorted(self.context_groups.items())}
         return d
 
     @classmethod

@@ -24,6 +24,12 @@ step counter saved in the checkpoint, so a resumed run sees exactly the batches 
 
 Rows of one micro-batch that share a context (the same ``chunk_id``, else the same context tokens) share
 one generated adapter (encoded once); the chunk count is drawn per context.
+
+Context groups (``TrainConfig.context_groups``): consecutive contexts of a micro-batch are merged into one
+adapter, as the chunks of a document several times the trained length are at use time, and every row of
+the group is scored with it; two contexts that are asked the same question (the same prompt tokens) are
+never put in one group, since one adapter cannot give both their answers. The group size of micro-batch
+``m`` comes from ``default_rng([seed, stream, m])`` too.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 
 from model.training.loss import collate_samples
 
-STREAM_TRAIN, STREAM_CHUNKS, STREAM_EVAL = 1, 2, 3
+STREAM_TRAIN, STREAM_CHUNKS, STREAM_EVAL, STREAM_GROUPS = 1, 2, 3, 4
 HELD_OUT_SALT = "doc2lora-heldout-v1"
 
 
@@ -255,6 +261,37 @@ def draw_chunk_counts(seed: int, m: int, n_groups: int, counts: Sequence[int], p
     return [int(c) for c in rng.choice(np.asarray(counts), size=n_groups, p=np.asarray(probs))]
 
 
+def draw_group_size(seed: int, m: int, sizes: Sequence[int], probs: Sequence[float]) -> int:
+    """The context-group size of micro-batch `m`: a pure function of (seed, m)."""
+    if len(sizes) == 1:
+        return int(sizes[0])
+    rng = np.random.default_rng([int(seed), STREAM_GROUPS, int(m)])
+    return int(rng.choice(np.asarray(sizes), p=np.asarray(probs)))
+
+
+def group_contexts(tb: "TrainBatch", size: int) -> "TrainBatch":
+    """`tb` with runs of up to `size` consecutive contexts merged into one adapter each (their pieces stay, in
+    order); a context asked a question that the open group was already asked starts a new group."""
+    if size <= 1 or len(tb.chunks_per_context) <= 1:
+        return tb
+    ids, starts = tb.batch["student_ids"], tb.batch["answer_start"]
+    row_ctx = tb.row_context.tolist()
+    asked: list[set] = [set() for _ in tb.chunks_per_context]
+    for i, c in enumerate(row_ctx):
+        asked[c].add(tuple(ids[i, : int(starts[i])].tolist()))
+    group_of, per, open_asked, open_n = [], [], set(), 0
+    for c, n in enumerate(tb.chunks_per_context):
+        if not per or open_n >= size or asked[c] & open_asked:
+            per.append(0)
+            open_asked, open_n = set(), 0
+        per[-1] += n
+        open_asked |= asked[c]
+        open_n += 1
+        group_of.append(len(per) - 1)
+    row_group = torch.tensor([group_of[c] for c in row_ctx], dtype=torch.long)
+    return TrainBatch(tb.batch, tb.chunks, per, row_group, tb.epoch)
+
+
 def context_key(row: Mapping[str, Any], ctx: Sequence[int]) -> Any:
     cid = row.get("chunk_id")
     return ("chunk", cid) if cid is not None else ("ids", tuple(ctx))
@@ -307,7 +344,8 @@ def build_batch(
 
 
 __all__ = [
-    "DataOrder", "TrainBatch", "affixes", "build_batch", "context_ids_of", "draw_chunk_counts",
+    "DataOrder", "TrainBatch", "affixes", "build_batch", "context_ids_of", "draw_chunk_counts", "draw_group_size",
+    "group_contexts",
     "epoch_batches", "eval_batches", "held_out_score", "is_held_out", "pad_id_of", "plain_tokens",
     "split_context", "split_held_out", "validate_row",
 ]

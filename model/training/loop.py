@@ -167,9 +167,11 @@ def _batches(cfg: TrainConfig, tokenizer, train_rows: list, eval_rows: list):
 
     def micro_batch(m: int) -> td.TrainBatch:
         epoch, idx = order(m)
-        return td.build_batch(
+        tb = td.build_batch(
             [train_rows[i] for i in idx], [train_ctx[i] for i in idx], prefix, suffix, pad_id,
             lambda n: td.draw_chunk_counts(cfg.seed, m, n, counts, probs), cfg.min_piece_tokens, epoch)
+        sizes, size_probs = cfg.group_probs(m // cfg.grad_accum)
+        return td.group_contexts(tb, td.draw_group_size(cfg.seed, m, sizes, size_probs))
 
     eval_tbs: list[td.TrainBatch] = []
     if eval_rows:
