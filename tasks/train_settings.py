@@ -73,8 +73,8 @@ class OptimSettings(BaseModel):
     context_groups: dict[int, float] = Field(
         default_factory=lambda: {1: 1.0, 2: 1.0, 4: 2.0},
         description="Contexts merged into one adapter in training, {size: weight}, from context_groups_from on: "
-        "the condition of a document that many chunks long (toy world: long 4x / 1x 0.59 -> 0.88). {1: 1}: off.")
-    context_groups_from: float = Field(0.3, ge=0, le=1, description="Share of total_steps before contexts are grouped.")
+        "the condition of a document that many chunks long (toy world: long 4x / 1x 0.59 -> 0.89). {1: 1}: off.")
+    context_groups_from: float = Field(0.2, ge=0, le=1, description="Share of total_steps before contexts are grouped.")
     use_unfinished: bool = Field(True, description="Train on teacher answers cut at teacher.max_new_tokens too.")
     rows_per_context: int = Field(1, ge=1, description="Questions of one document per micro-batch (encoded once).")
     renormalise: bool = Field(False, description="Divide the teacher's top-k probabilities by their sum.")

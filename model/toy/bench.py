@@ -85,11 +85,11 @@ class Profile:
     train_mix: tuple[tuple[int, ...], ...] = ((4, 1, 1),)
     multi_chunk: bool = False  # single-chunk training: multi-chunk (the reference's mix) learned slower here
     chunk_dist: dict | None = None  # TrainConfig.chunk_dist (pieces per context -> probability); None: its default
-    # TrainConfig.context_groups / context_groups_from: from 30% of the steps on, the adapters of 2 or 4 documents
-    # of a batch are merged into one (the condition of a document 2x or 4x the trained length) half the time.
-    # Seed 0: long 4x / 1x 0.588 -> 0.883, needle 4x 0.600 -> 0.800, D2L EM 0.922 -> 0.946 (docs/evaluation.md)
+    # TrainConfig.context_groups / context_groups_from: from 20% of the steps on, the adapters of 2 or 4 documents
+    # of a batch are merged into one (the condition of a document 2x or 4x the trained length) 3/4 of the time.
+    # Seed 0: long 4x / 1x 0.588 -> 0.890, needle 4x 0.600 -> 0.850, D2L EM 0.922 -> 0.956 (docs/evaluation.md)
     context_groups: dict | None = dataclasses.field(default_factory=lambda: {1: 1.0, 2: 1.0, 4: 2.0})
-    context_groups_from: float = 0.3
+    context_groups_from: float = 0.2
     # L1 on the generated A and B (HyperConfig's default: 0.1). At 0.1 the penalty shrank the generated
     # update ~40x within 500 steps, before the context signal was learned
     l1_weight: float = 0.0
@@ -292,7 +292,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Profile]:
                     f"{' '.join('x'.join(map(str, m[:2])) + ('s' if m[2:] else '') for m in FULL.train_mix) or 'none'})")
     ap.add_argument("--context-groups", nargs="+", default=None, metavar="G:P",
                     help="documents merged into one adapter in training, size:weight (with --context-groups-from "
-                    "0.3: from 30%% of the steps on); 1:1 alone turns it off (default: "
+                    "0.2: from 20%% of the steps on); 1:1 alone turns it off (default: "
                     f"{' '.join(f'{g}:{w:g}' for g, w in FULL.context_groups.items())})")
     args = ap.parse_args(argv)
     prof = dataclasses.replace(SMOKE if args.smoke else FULL)
