@@ -85,9 +85,8 @@ class Profile:
     train_mix: tuple[tuple[int, ...], ...] = ((4, 1, 1),)
     multi_chunk: bool = False  # single-chunk training: multi-chunk (the reference's mix) learned slower here
     chunk_dist: dict | None = None  # TrainConfig.chunk_dist (pieces per context -> probability); None: its default
-    # TrainConfig.context_groups / context_groups_from: from 20% of the steps on, the adapters of 2 or 4 documents
-    # of a batch are merged into one (the condition of a document 2x or 4x the trained length) 3/4 of the time.
-    # Seed 0: long 4x / 1x 0.588 -> 0.890, needle 4x 0.600 -> 0.850, D2L EM 0.922 -> 0.956 (docs/evaluation.md)
+    # TrainConfig.context_groups / _from: from 20% of the steps on, 2 or 4 documents of a batch share one merged
+    # adapter (a 2x/4x document's condition); seed 0: long 4x/1x 0.588 -> 0.890, needle 0.600 -> 0.850
     context_groups: dict | None = dataclasses.field(default_factory=lambda: {1: 1.0, 2: 1.0, 4: 2.0})
     context_groups_from: float = 0.2
     # L1 on the generated A and B (HyperConfig's default: 0.1). At 0.1 the penalty shrank the generated
@@ -169,8 +168,7 @@ def train_hypernet(model, tok, train_rows, eval_rows, prof: Profile, out_dir: Pa
                        batch_size=prof.batch_size, multi_chunk=prof.multi_chunk, eval_every=prof.eval_every,
                        eval_at_start=False, eval_batches=4, checkpoint_every=0, log_every=10, seed=0,
                        l1_weight=prof.l1_weight, rows_per_context=prof.rows_per_context, context_groups_from=prof.context_groups_from,
-                       **({"chunk_dist": prof.chunk_dist} if prof.chunk_dist else {}),
-                       **({"context_groups": prof.context_groups} if prof.context_groups else {}))
+                       **{k: v for k, v in (("chunk_dist", prof.chunk_dist), ("context_groups", prof.context_groups)) if v})
     t0 = time.perf_counter()
     res = train(model, tok, hcfg, tcfg, train_rows, eval_rows, out_dir, resume=False, progress=progress,
                 on_metrics=lambda r: log(f"  step {r['step']}: eval KL {r['eval_kl']:.4f}, top-1 agreement "
