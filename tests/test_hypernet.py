@@ -71,7 +71,7 @@ def test_features_are_hidden_states_entering_each_layer(arch):
 @pytest.mark.parametrize("arch", ["llama", "lfm2"])
 def test_unpadded_chunks_are_encoded_without_a_mask_and_the_same(arch):
     """encode_ids passes no attention mask when nothing is padded: the features are those of the masked call."""
-    from model.hypernet.config import find_layers
+    from model.hypernet.config import _LAYERS, find_layers
 
     model = tiny(arch)
     enc = ContextEncoder(model, None, list(range(model.config.num_hidden_layers)))
@@ -80,7 +80,11 @@ def test_unpadded_chunks_are_encoded_without_a_mask_and_the_same(arch):
         ids = torch.tensor([c + [0] * (mask.shape[1] - len(c)) for c in chunks])
         assert torch.equal(feats, encode_context(model, ids, mask, enc.layer_indices))
     assert torch.equal(mask, torch.tensor([[1, 1, 1], [1, 1, 0]]))
-    assert find_layers(model)[1] is find_layers(model)[1]  # remembered per model
+    path, blocks = find_layers(model)
+    assert _LAYERS[model] == (path, blocks)  # remembered per model
+    parent, attr = path.rsplit(".", 1)
+    setattr(model.get_submodule(parent), attr, fresh := torch.nn.ModuleList(list(blocks)))
+    assert find_layers(model) == (path, fresh)  # a replaced list is found again, not the remembered one
 
 
 @pytest.mark.parametrize("arch", ["llama", "lfm2"])

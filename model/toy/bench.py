@@ -302,7 +302,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Profile]:
         try:
             prof.context_groups = {int(g): float(w) for g, w in (x.split(":") for x in args.context_groups)}
         except ValueError:
-            ap.error(f"--context-groups takes size:probability pairs, e.g. 1:1 4:1; got {args.context_groups}")
+            ap.error(f"--context-groups takes size:weight pairs, e.g. 1:1 4:1; got {args.context_groups}")
     if args.train_mix == ["none"]:
         prof.train_mix = ()
     elif args.train_mix:

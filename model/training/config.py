@@ -41,6 +41,21 @@ def default_chunk_dist() -> dict[int, float]:
     return d
 
 
+def _check_distribution(name: str, dist: dict[int, float]) -> None:
+    """`dist` maps counts >= 1 to probabilities >= 0 (any scale) with some mass, else ValueError."""
+    if not dist or min(dist) < 1 or any(p < 0 for p in dist.values()):
+        raise ValueError(f"{name} must map counts >= 1 to probabilities >= 0: {dist}")
+    if sum(dist.values()) <= 0:
+        raise ValueError(f"{name} has no mass: {dist}")
+
+
+def _normalised(dist: dict[int, float]) -> tuple[list[int], list[float]]:
+    """(counts in order, their probabilities summing to 1)."""
+    ns = sorted(dist)
+    total = sum(dist.values())
+    return ns, [dist[n] / total for n in ns]
+
+
 @dataclass
 class TrainConfig:
     # -- optimisation
@@ -100,13 +115,8 @@ class TrainConfig:
             logging.getLogger(__name__).warning("warmup_steps=%d is more than total_steps=%d: warming up over "
                                                 "all %d steps", self.warmup_steps, self.total_steps, self.total_steps)
             self.warmup_steps = self.total_steps
-        if not self.chunk_dist or min(self.chunk_dist) < 1 or any(p < 0 for p in self.chunk_dist.values()):
-            raise ValueError(f"chunk_dist must map chunk counts >= 1 to probabilities >= 0: {self.chunk_dist}")
-        if sum(self.chunk_dist.values()) <= 0:
-            raise ValueError("chunk_dist has no mass")
-        groups = self.context_groups
-        if not groups or min(groups) < 1 or any(p < 0 for p in groups.values()) or sum(groups.values()) <= 0:
-            raise ValueError(f"context_groups must map group sizes >= 1 to probabilities >= 0 with some mass: {groups}")
+        _check_distribution("chunk_dist", self.chunk_dist)
+        _check_distribution("context_groups", self.context_groups)
         if not 0.0 <= self.context_groups_from <= 1.0:
             raise ValueError(f"context_groups_from={self.context_groups_from} must be a fraction of the steps in [0, 1]")
         if self.rows_per_context < 1:
@@ -129,18 +139,14 @@ class TrainConfig:
         """Chunk counts and their normalised probabilities ([1], [1.0] when multi_chunk is off)."""
         if not self.multi_chunk:
             return [1], [1.0]
-        ns = sorted(self.chunk_dist)
-        total = sum(self.chunk_dist.values())
-        return ns, [self.chunk_dist[n] / total for n in ns]
+        return _normalised(self.chunk_dist)
 
     def group_probs(self, step: int) -> tuple[list[int], list[float]]:
         """Context-group sizes and their probabilities for optimizer step `step` (0-based): ([1], [1.0]) before
         ``context_groups_from``."""
         if step < self.context_groups_from * self.total_steps:
             return [1], [1.0]
-        gs = sorted(self.context_groups)
-        total = sum(self.context_groups.values())
-        return gs, [self.context_groups[g] / total for g in gs]
+        return _normalised(self.context_groups)
 
     # -- JSON
     def to_dict(self) -> dict[str, Any]:
