@@ -39,3 +39,20 @@ def test_full_run_judges_against_the_targets():
     # a full run whose teacher cannot answer: no verdict either
     assert verdict(1.0, 0.9, teacher_em=0.2, smoke=False).startswith("n/a (teacher EM 0.200")
     assert verdict(None, 0.9, teacher_em=0.99, smoke=False) == "-"
+
+
+def test_full_run_judges_the_kl_gap_long_documents_and_the_needle():
+    good = dict(summary(teacher_em=0.99, d2l_em=0.95))
+    good["ratios"] = dict(good["ratios"], d2l_kl_gap_closed=0.90)
+    long = {"curves": {"d2l_concat": {"1": 0.9, "4": 0.60}, "d2l_mean": {"1": 0.9, "4": 0.75}},
+            "needle": {"teacher": {"0.0": 1.0, "1.0": 1.0}, "d2l_concat": {"0.0": 0.9, "1.0": 0.8},
+                       "d2l_mean": {"0.0": 0.5, "1.0": 0.5}}, "needle_factor": 4}
+    table = one_table(good, long, cd_steps=10, smoke=False)
+    assert "0.900 (target >= 0.85: met)" in table  # the KL gap closed
+    assert "0.833 (target >= 0.8: met)" in table  # the better merge at 4x / 1x (mean: 0.75 / 0.9)
+    assert "0.850 (target >= 0.8: met)" in table  # the needle: the better D2L merge's mean, never the teacher's
+    long["needle"]["d2l_concat"] = {"0.0": 0.9, "1.0": 0.6}
+    long["curves"]["d2l_mean"]["4"] = 0.70
+    table = one_table(dict(good, ratios=dict(good["ratios"], d2l_kl_gap_closed=0.5)), long, cd_steps=10, smoke=False)
+    assert "0.500 (target >= 0.85: MISSED)" in table
+    assert "0.778 (target >= 0.8: MISSED)" in table and "0.750 (target >= 0.8: MISSED)" in table

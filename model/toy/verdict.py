@@ -6,7 +6,9 @@ the verdict is "n/a" with the reason, never "met"."""
 
 from __future__ import annotations
 
-TARGETS = {"d2l_over_teacher_em": 0.90, "cd_over_d2l_seconds": 500.0, "long4x_over_1x": 0.90}
+# the method-quality bars (the toy benchmark's table prints each with its verdict)
+TARGETS = {"d2l_over_teacher_em": 0.90, "d2l_kl_gap_closed": 0.85, "cd_over_d2l_seconds": 500.0,
+           "long4x_over_1x": 0.80, "needle_mean_em": 0.80}
 TEACHER_EM_FLOOR = 0.5  # below this the teacher cannot answer; ratios over it are noise
 
 
