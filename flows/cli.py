@@ -246,9 +246,9 @@ def bench_toy(ctx: typer.Context,
     """The toy-world benchmark: teacher vs no document vs D2L vs per-document CD, long documents, needle.
 
     Builds (or reuses) the toy base model, generates toy documents, trains the hypernetwork with a stated
-    budget, evaluates on held-out documents and prints one table (~6 min on 2 cores; --smoke ~15 s).
-    Every size is a flag passed through to the benchmark (model/toy/bench.py): d2l bench toy --steps 3000
-    --cd-docs 16 (run `python benchmarks/toy_world.py --help` for the list).
+    budget, evaluates on held-out documents and prints one table (~15 min on 2 idle cores; --smoke ~15 s).
+    Every size is a flag passed through to the benchmark (model/toy/bench_profile.py):
+    d2l bench toy --steps 3000 --cd-docs 16 (run `python benchmarks/toy_world.py --help` for the list).
     """
     from tasks.bench import run_toy_benchmark
 

@@ -41,7 +41,7 @@ SKIP = {
     "d2l train --set train.name=mine --set train.optim.total_steps=2000":
         "2,000 steps take more than a day on a CPU (README says so); the fixture trains `mine` for 4 steps",
     "d2l evaluate --config configs/default.yaml": "SmolLM2 with a 300-step CD baseline per document: tens of minutes",
-    "d2l bench toy": "the full toy benchmark, ~6 min (the smoke size runs in tests/test_evaluate.py)",
+    "d2l bench toy": "the full toy benchmark, ~15 min (the smoke size runs in tests/test_evaluate.py)",
     "d2l run": "SmolLM2 through every stage on the sample corpus: ~7 min (make run's job)",
     "d2l chunk --base-model /models/Qwen3-0.6B": "needs a Qwen3-0.6B folder at /models",
     "d2l models --prepare": "converts SmolLM2 into the store (the smollm2_dir fixture tests the same conversion)",
