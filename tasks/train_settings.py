@@ -36,6 +36,8 @@ class HyperSettings(BaseModel):
     latent_regions: float = Field(0.35, ge=0, description="> 0: latent i starts preferring the i-th of latent_count "
                                   "equal regions of the chunk (width in regions); 0: content alone (the reference). "
                                   "0.35 taught the toy world's hypernetwork to bind values to entities; neutral on SmolLM2.")
+    token_dropout: float = Field(0.0, ge=0, lt=1, description="Training only: the share of each context's tokens "
+                                 "hidden from the latents at random (a regulariser for small corpora).")
     mlp_ratio: int = Field(4, ge=1)
     head_mlp_layers: int = Field(1, ge=0)
     head_mlp_ratio: int = Field(1, ge=1)

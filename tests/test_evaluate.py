@@ -172,6 +172,14 @@ def test_evaluate_contexts_rows_for_all_four_methods_report_and_png(tiny_tokeniz
     assert set(s["methods"]) == {"teacher", "no_doc", "d2l", "cd"}
     assert {"cd:trained_on", "cd:unseen", "d2l:trained_on", "d2l:unseen"} <= set(s["cd_split"])
     assert s["ratios"]["cd_over_d2l_seconds"] > 0
+    # the warm-ups' operation counts: one D2L adapter of the first context, CD's steps scaled to cd_steps
+    from model.evaluation.costs import counted_flops
+    from model.hypernet.internalize import internalize
+
+    _, d2l_flops = counted_flops(internalize, model, tok, net, contexts[0].text)
+    assert s["flops"]["d2l_adapter"] == d2l_flops > 0
+    assert s["flops"]["cd_adapter"] == 5 * s["flops"]["cd_step"] > 0
+    assert s["ratios"]["cd_over_d2l_flops"] == pytest.approx(s["flops"]["cd_adapter"] / d2l_flops)
     table = method_table(s)
     assert len(table) == 8 and "CD, questions it trained on" in markdown_table(table)
     png = plot_results(s, tmp_path / "r.png", {"curves": {"d2l_concat": {"1": 0.5, "2": 0.25}}})
@@ -305,3 +313,12 @@ def test_stage_config_bridges_to_the_evaluator_settings_by_name():
         if f.name in EvaluateConfig.model_fields and f.name != "methods":
             assert getattr(st, f.name) == getattr(cfg, f.name), f.name
     assert (st.cd_max_docs, st.merge, st.cd_lr) == (5, "mean", 0.02)
+
+
+def test_counted_flops_counts_matrix_products():
+    """counted_flops: 2 m n k for an (m x k) @ (k x n) product, nothing for elementwise work; the result is returned."""
+    from model.evaluation.costs import counted_flops
+
+    a, b = torch.ones(3, 4), torch.ones(4, 5)
+    out, flops = counted_flops(lambda: (a @ b).relu() + 1)
+    assert flops == 2 * 3 * 4 * 5 and out.shape == (3, 5)

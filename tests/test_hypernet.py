@@ -240,6 +240,34 @@ def test_latent_regions_point_each_latent_at_its_own_part_of_the_chunk():
         HyperConfig(latent_regions=1.0, slot_attention=True)
 
 
+def test_token_dropout_hides_tokens_only_in_training():
+    """token_dropout: in eval mode the adapter is the one of the same weights without dropout (deterministic);
+    in training two calls on the same chunk differ, and hiding every token but the latents' own keys still
+    gives finite values; out-of-range rates are refused."""
+    model = tiny("llama")
+    ids, mask = batch_ids()
+    feats = encode_context(model, ids, mask, [0, 1])
+    torch.manual_seed(0)
+    plain = tiny_hyper(model, ["down_proj"], scale_b_init=0.5)
+    torch.manual_seed(0)
+    dropped = tiny_hyper(model, ["down_proj"], scale_b_init=0.5, token_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    name = next(iter(plain(feats, mask).loras))
+    plain.eval(), dropped.eval()
+    ref = plain(feats, mask).loras[name]
+    assert torch.equal(dropped(feats, mask).loras[name].A, ref.A)
+    dropped.train()
+    torch.manual_seed(1)
+    one = dropped(feats, mask).loras[name].A
+    torch.manual_seed(2)
+    two = dropped(feats, mask).loras[name].A
+    assert not torch.allclose(one, two) and not torch.allclose(one, ref.A)
+    assert torch.isfinite(one).all() and torch.isfinite(dropped(feats, None).loras[name].B).all()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="token_dropout"):
+            HyperConfig(token_dropout=bad)
+
+
 def test_rank_slots_feed_the_heads_directly():
     """rank_slots: no decoder; latent_count must equal kinds x rank; zero update at init; the adapter
     depends on the context."""

@@ -30,6 +30,16 @@ def timed_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+def counted_flops(fn, *args, **kwargs):
+    """(fn's result, the floating-point operations of its matmul-class ops: torch's ``FlopCounterMode``, which
+    counts matrix products, convolutions and attention, not the elementwise work around them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args, **kwargs)
+    return out, int(counter.get_total_flops())
+
+
 # ----------------------------------------------------------------------------------------------- adapters
 def stack_adapters(adapters: Sequence[Adapter]) -> Adapter:
     """Adapters of batch 1 (ranks may differ) -> one adapter with a row each; ranks zero-padded (zero rank

@@ -167,6 +167,7 @@ def ratio_lines(summary: Mapping[str, Any]) -> list[str]:
         "d2l_over_cd_em": "D2L / CD, exact match (all questions of CD's documents)",
         "d2l_over_cd_em_trained_on": "D2L / CD, exact match (questions CD trained on)",
         "cd_over_d2l_seconds": "adapter creation time, CD / D2L (batch 1)",
+        "cd_over_d2l_flops": "adapter creation FLOPs, CD / D2L (the time ratio at equal speed per operation)",
         "d2l_kl_gap_closed": "share of the no-doc -> teacher KL gap D2L closes",
         "d2l_adapter_over_kv_bytes": "D2L adapter bytes / document KV-cache bytes",
     }

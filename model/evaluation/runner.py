@@ -23,7 +23,10 @@ Metrics (one ``eval_results`` row per question and method, storage/schemas.py EV
 
 Costs: ``adapter_seconds`` is the wall time to create that document's adapter at batch 1 (D2L: chunk,
 encode, generate, merge; CD: its gradient steps), both timed with the process's earlier objects set aside
-from the garbage collector (``costs.timed_heap``); ``meta`` carries ``adapter_bytes`` and the document's
+from the garbage collector (``costs.timed_heap``). The untimed warm-up of each method is counted in floating-point
+operations instead (``costs.counted_flops``: one D2L adapter of the first context; CD's first two steps, of which
+a CD adapter costs ``cd_steps / 2`` times): the summary's ``flops`` and its ratio ``cd_over_d2l_flops``, what the
+time ratio would be if both ran at the same speed per operation. ``meta`` carries ``adapter_bytes`` and the document's
 ``kv_cache_bytes`` (what the prompt of the teacher keeps per document in the attention layers' KV cache),
 both at the base model's parameter precision.
 """
@@ -39,7 +42,7 @@ from typing import Any
 from torch import nn
 
 from model.training.loss import collate_samples
-from model.evaluation.costs import adapter_bytes, kv_cache_bytes, param_bytes, stack_adapters, timed_heap
+from model.evaluation.costs import adapter_bytes, counted_flops, kv_cache_bytes, param_bytes, stack_adapters, timed_heap
 from model.evaluation.metrics import exact_match, teacher_kl, token_f1
 from model.evaluation.report import METHODS, summarize
 from model.generation.decode import greedy_answers, pad_id
@@ -172,6 +175,7 @@ class _Eval:
     teacher_text: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    flops: dict[str, int] = field(default_factory=dict)  # counted in the warm-ups (see the module's docstring)
 
     def kls(self, adapter=None, index=None, items=None, view=None) -> dict[int, float]:
         """KL to the teacher per flat question index (those with a stored sample, or `items`)."""
@@ -252,7 +256,8 @@ def _d2l(ev: _Eval, hypernet, progress: bool) -> None:
     st = ev.st
     hypernet.eval()
     if st.warmup and ev.contexts:
-        internalize(ev.base_model, ev.tokenizer, hypernet, ev.contexts[0].text, st.chunk_max_tokens, st.merge)
+        _, ev.flops["d2l_adapter"] = counted_flops(internalize, ev.base_model, ev.tokenizer, hypernet,
+                                                   ev.contexts[0].text, st.chunk_max_tokens, st.merge)
     adapters, secs, sizes, n_chunks = [], [], [], []
     with timed_heap():
         for ctx in _progress(ev.contexts, progress, "d2l adapters"):
@@ -288,7 +293,10 @@ def _cd(ev: _Eval, hypernet, progress: bool) -> None:
     chosen = [c for c in chosen if any(q.cd_train for q in contexts[c].questions)]
     if st.warmup and chosen:
         warm = [q.sample for q in contexts[chosen[0]].questions if q.cd_train]
-        train_cd(ev.base_model, warm, targets, CDConfig(**{**asdict(cfg), "steps": 2}), ev.pad, ev.compact)
+        _, two = counted_flops(train_cd, ev.base_model, warm, targets, CDConfig(**{**asdict(cfg), "steps": 2}),
+                               ev.pad, ev.compact)
+        ev.flops["cd_step"] = two // 2
+        ev.flops["cd_adapter"] = two // 2 * st.cd_steps
     adapters, secs, sizes, pos = [], {}, {}, {}
     with timed_heap():
         for c in _progress(chosen, progress, "cd adapters"):
@@ -338,7 +346,12 @@ def evaluate_contexts(
         _d2l(ev, hypernet, progress)
     if "cd" in ev.st.methods:
         _cd(ev, hypernet, progress)
-    return EvalOutput(ev.rows, summarize(ev.rows), ev.timings)
+    summary = summarize(ev.rows)
+    if ev.flops:
+        summary["flops"] = dict(ev.flops)
+        if ev.flops.get("d2l_adapter") and ev.flops.get("cd_adapter"):
+            summary["ratios"]["cd_over_d2l_flops"] = ev.flops["cd_adapter"] / ev.flops["d2l_adapter"]
+    return EvalOutput(ev.rows, summary, ev.timings)
 
 
 __all__ = [

@@ -66,6 +66,9 @@ class HyperConfig:
     # > 0: latent i of n starts with a preference for the i-th of n equal regions of the chunk (an additive
     # attention bias, a Gaussian of this width in region units); 0: latents choose tokens by content alone
     latent_regions: float = 0.0
+    # training only: each context token is hidden from the latents with this probability (a fresh draw per
+    # step, per chunk and token), so the hypernetwork cannot key on any one token of a training document
+    token_dropout: float = 0.0
     mlp_ratio: int = 4  # width of the blocks' MLPs, in latent_dim units
     head_mlp_layers: int = 1  # per-layer residual MLP blocks before the heads
     head_mlp_ratio: int = 1
@@ -103,6 +106,8 @@ class HyperConfig:
         if self.latent_regions < 0 or (self.latent_regions and self.slot_attention):
             raise ValueError(f"latent_regions must be >= 0 and cannot be combined with slot_attention, got "
                              f"{self.latent_regions}")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ValueError(f"token_dropout must be in [0, 1), got {self.token_dropout}")
         if self.latent_dim % self.heads:
             raise ValueError(f"latent_dim={self.latent_dim} must be divisible by heads={self.heads}")
 

@@ -191,7 +191,11 @@ class HyperNetwork(nn.Module):
             keep = mask if mask is not None else features.new_ones(b, t)
             x = x + self.pos_proj(sinusoidal_positions(keep, x.shape[-1]).to(dtype))[:, None]
         x = x.reshape(b * n_layers, t, -1)
-        m = None if mask is None else mask.bool().repeat_interleave(n_layers, dim=0)
+        m = None if mask is None else mask.bool()
+        if self.training and cfg.token_dropout > 0:
+            m = features.new_ones(b, t, dtype=torch.bool) if m is None else m
+            m = m & (torch.rand(b, t, device=features.device) >= cfg.token_dropout)
+        m = None if m is None else m.repeat_interleave(n_layers, dim=0)
         lat = (self.latents[None] + self.layer_emb[:, None]).repeat(b, 1, 1)  # [(b l), n_lat, d]
         bias = None
         if cfg.latent_regions:

@@ -158,6 +158,11 @@ def one_table(summary: dict, long: dict | None, cd_steps: int, smoke: bool = Fal
     rows.append(["D2L / CD, EM (CD's docs; on CD's trained-on questions)", "", "", "", "", "", "",
                  f"{_f(ratios.get('d2l_over_cd_em'))}; {_f(ratios.get('d2l_over_cd_em_trained_on'))}"])
     target("adapter time, CD / D2L", ratios.get("cd_over_d2l_seconds"), TARGETS["cd_over_d2l_seconds"], "x")
+    if ratios.get("cd_over_d2l_flops"):
+        flops = summary.get("flops", {})
+        rows.append(["adapter FLOPs, CD / D2L (first context)", "", "", "", "", "", "",
+                     f"{ratios['cd_over_d2l_flops']:.0f}x ({flops.get('cd_adapter', 0) / 1e6:.0f} vs "
+                     f"{flops.get('d2l_adapter', 0) / 1e6:.1f} MFLOP): the time ratio at equal speed per operation"])
     target("no-doc -> teacher KL gap closed by D2L", ratios.get("d2l_kl_gap_closed"), TARGETS["d2l_kl_gap_closed"],
            over_teacher=True)
     if long and long.get("curves"):
