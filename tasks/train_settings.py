@@ -37,7 +37,7 @@ class HyperSettings(BaseModel):
                                   "equal regions of the chunk (width in regions); 0: content alone (the reference). "
                                   "0.35 taught the toy world's hypernetwork to bind values to entities; neutral on SmolLM2.")
     token_dropout: float = Field(0.0, ge=0, lt=1, description="Training only: the share of each context's tokens "
-                                 "hidden from the latents at random (a regulariser for small corpora).")
+                                 "hidden from the latents at random, a regulariser; 0.25 was neutral on SmolLM2 with 13 documents.")
     mlp_ratio: int = Field(4, ge=1)
     head_mlp_layers: int = Field(1, ge=0)
     head_mlp_ratio: int = Field(1, ge=1)
