@@ -242,8 +242,8 @@ def test_latent_regions_point_each_latent_at_its_own_part_of_the_chunk():
 
 def test_token_dropout_hides_tokens_only_in_training():
     """token_dropout: in eval mode the adapter is the one of the same weights without dropout (deterministic);
-    in training two calls on the same chunk differ, and hiding every token but the latents' own keys still
-    gives finite values; out-of-range rates are refused."""
+    in training two calls on the same chunk differ from each other and from eval mode, the values stay finite
+    with a mask and without one (then every token is real and may be dropped); out-of-range rates are refused."""
     model = tiny("llama")
     ids, mask = batch_ids()
     feats = encode_context(model, ids, mask, [0, 1])
