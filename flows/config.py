@@ -20,7 +20,7 @@ from tasks.synthesize import SynthesizeConfig
 from tasks.teacher import TeacherConfig
 from tasks.train import TrainStageConfig
 
-DEFAULT_SOURCES = ["corpus/sample", "synthetic://facts?n=8&seed=0"]
+DEFAULT_SOURCES = ["corpus/sample", "synthetic://facts?n=24&seed=0"]
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 DEFAULT_DEMO = "corpus/sample/what-is-doc2lora.md"
 
